@@ -1,0 +1,9 @@
+"""CLI registration for the api area (placeholder until the area lands)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds this area's sub-commands to the `bgeserve` parser."""

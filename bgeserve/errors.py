@@ -1,0 +1,49 @@
+"""Typed errors shared by every layer. `api/` maps them to HTTP status and JSON in one place."""
+
+from __future__ import annotations
+
+
+class BgeServeError(Exception):
+    """Base class of every error bgeserve raises on purpose."""
+
+
+class ModelNotFound(BgeServeError):
+    """The model path or hub id cannot be resolved to a checkpoint directory."""
+
+
+class InvalidCheckpoint(BgeServeError):
+    """The directory exists but is not a checkpoint we can load."""
+
+
+class ModelLacksOutput(BgeServeError):
+    """An output (sparse, colbert) was asked of a model that has no head for it."""
+
+    def __init__(self, output: str, model: str, missing_file: str) -> None:
+        self.output = output
+        super().__init__(
+            f"model {model!r} cannot return {output}: it has no {missing_file} "
+            f"(only bge-m3 style checkpoints ship that head)"
+        )
+
+
+class InputTooLong(BgeServeError):
+    """An input is longer than the model accepts and truncation was not allowed."""
+
+    def __init__(self, index: int, length: int, limit: int) -> None:
+        self.index, self.length, self.limit = index, length, limit
+        super().__init__(
+            f"input {index} has {length} tokens, more than the model's limit of {limit}; "
+            f"pass truncate=true to cut it"
+        )
+
+
+class InvalidInput(BgeServeError):
+    """The caller's input is malformed (wrong type, empty, ids out of vocabulary, ...)."""
+
+
+class Overloaded(BgeServeError):
+    """Every request slot is taken; the caller should retry later (HTTP 429)."""
+
+
+class DeviceUnavailable(BgeServeError):
+    """The requested device (e.g. cuda:3) does not exist on this machine."""
