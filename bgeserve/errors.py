@@ -37,7 +37,7 @@ class InputTooLong(BgeServeError):
         )
 
 
-class InvalidInput(BgeServeError):
+class InvalidInput(BgeServeError, ValueError):
     """The caller's input is malformed (wrong type, empty, ids out of vocabulary, ...)."""
 
 

@@ -1,0 +1,324 @@
+"""EmbeddingEngine: validate and tokenise off the event loop, queue, batch across requests, await."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bgeserve.engine.errors import EmptyInput, RequestTimedOut, ShuttingDown
+from bgeserve.engine.observer import EngineObserver, NullObserver
+from bgeserve.engine.queue import TokenBudgetBatcher, WorkItem
+from bgeserve.engine.replicas import ReplicaPool, build_backends
+from bgeserve.engine.slots import InputSlots
+from bgeserve.errors import InputTooLong, InvalidInput, ModelLacksOutput
+from bgeserve.runtime.backend import Backend, Capabilities, ItemOutput, OutputRequest
+
+if TYPE_CHECKING:
+    from bgeserve.models.checkpoint import Checkpoint
+
+# Same file names as bgeserve.models.checkpoint; repeated so the engine's messages need no torch import.
+_HEAD_FILES = {"sparse": "sparse_linear.pt", "colbert": "colbert_linear.pt"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's knobs (the HTTP layer builds this from its settings)."""
+
+    max_batch_tokens: int = 16384
+    max_batch_requests: int | None = None
+    max_concurrent_inputs: int = 512
+    batch_wait_ms: float = 2.0
+    request_timeout: float | None = None
+    auto_truncate: bool = True
+    tokenization_workers: int = 2
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where one request's time went, in seconds (TEI's x-*-time headers)."""
+
+    tokenization: float
+    queue: float
+    inference: float
+    total: float
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """Outputs in input order, plus what the response reports about them."""
+
+    outputs: list[ItemOutput]
+    prompt_tokens: int
+    truncated: int
+    characters: int
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    ids: list[list[int]]
+    truncated: int
+    characters: int
+
+
+class EmbeddingEngine:
+    """Serves encode requests from many concurrent callers on a pool of model replicas.
+
+    Tokenisation runs in a thread pool (it overlaps the forward pass of the previous batch), each
+    input takes one of `max_concurrent_inputs` slots (none free: `Overloaded` at once), and the
+    inputs of all requests are packed into token-budget batches by one `TokenBudgetBatcher`.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        backends: Sequence[Backend],
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.checkpoint = checkpoint
+        self.name: str = checkpoint.name
+        self.tokenizer = checkpoint.tokenizer
+        self.max_length: int = checkpoint.max_length
+        self.hidden_size: int = checkpoint.hidden_size
+        self.capabilities: Capabilities = checkpoint.capabilities
+        self.vocab_size: int = min(self.tokenizer.vocab_size, checkpoint.config.vocab_size)
+        self.slots = InputSlots(self.config.max_concurrent_inputs)
+        self.batcher = TokenBudgetBatcher(
+            self.config.max_batch_tokens,
+            self.config.max_batch_requests,
+            self.config.batch_wait_ms / 1000.0,
+        )
+        self.replicas = ReplicaPool(backends, self.batcher, observer)
+        self._observer: EngineObserver = observer or NullObserver()
+        self._tokenizer_pool = ThreadPoolExecutor(
+            max_workers=max(1, self.config.tokenization_workers), thread_name_prefix="tokenizer"
+        )
+        self._running = False
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: Checkpoint,
+        devices: Sequence[str],
+        dtype: str = "auto",
+        threads: int | None = None,
+        replicas_per_device: int = 1,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+    ) -> EmbeddingEngine:
+        """Loads the model replicas (one per GPU, `replicas_per_device` on CPU) and wires the engine."""
+        backends = build_backends(checkpoint, devices, dtype, threads, replicas_per_device)
+        return cls(checkpoint, backends, config, observer)
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    @property
+    def devices(self) -> list[str]:
+        """Replica names (`cuda:0`, `cpu/1`, ...)."""
+        return list(self.replicas.names)
+
+    @property
+    def dtype(self) -> str:
+        return self.replicas.backends[0].dtype
+
+    @property
+    def healthy(self) -> bool:
+        """Serving, and every replica thread alive."""
+        return self._running and self.replicas.healthy
+
+    @property
+    def queue_depth(self) -> int:
+        """Inputs tokenised and waiting for a replica."""
+        return len(self.batcher)
+
+    def set_observer(self, observer: EngineObserver) -> None:
+        """Routes the engine's measurements to `observer` (the HTTP layer's metrics)."""
+        self._observer = observer
+        self.replicas.observer = observer
+
+    def warmup(self) -> None:
+        """Runs one tiny forward pass on every replica so a broken device fails before serving."""
+        probe = self.tokenizer.encode(["warm up"], self.max_length).ids
+        want = OutputRequest(
+            dense=True, sparse=self.capabilities.sparse, colbert=self.capabilities.colbert
+        )
+        for backend in self.replicas.backends:
+            backend.run(probe, want)
+
+    def start(self) -> None:
+        """Starts the replica threads."""
+        self.replicas.start()
+        self._running = True
+
+    async def stop(self) -> None:
+        """Takes no new requests, finishes the queued ones, stops the replicas."""
+        self._running = False
+        await asyncio.to_thread(self.replicas.stop)
+        self._tokenizer_pool.shutdown(wait=False)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def check_outputs(self, want: OutputRequest) -> None:
+        """Raises ModelLacksOutput when `want` asks for a head this model does not have."""
+        if want.sparse and not self.capabilities.sparse:
+            raise ModelLacksOutput("sparse lexical weights", self.name, _HEAD_FILES["sparse"])
+        if want.colbert and not self.capabilities.colbert:
+            raise ModelLacksOutput("ColBERT vectors", self.name, _HEAD_FILES["colbert"])
+
+    def resolve_max_length(self, max_length: int | None) -> int:
+        """The token limit for one request: the model's, or a smaller one the caller asked for."""
+        if max_length is None:
+            return self.max_length
+        minimum = self.tokenizer.num_special_tokens + 1
+        if max_length < minimum or max_length > self.max_length:
+            raise InvalidInput(
+                f"max_length must be between {minimum} and the model's limit of {self.max_length} "
+                f"tokens, not {max_length}"
+            )
+        return max_length
+
+    async def encode(
+        self,
+        inputs: Sequence[str | list[int]],
+        want: OutputRequest,
+        *,
+        truncate: bool | None = None,
+        direction: str = "right",
+        max_length: int | None = None,
+    ) -> EncodeResult:
+        """Encodes texts (or token-id lists, used as given) with the outputs in `want`.
+
+        Inputs longer than the limit are cut when `truncate` (default: the engine's auto_truncate)
+        and rejected with InputTooLong otherwise. Raises Overloaded when the slots are full.
+        """
+        started = time.monotonic()
+        if not self._running:
+            raise ShuttingDown("the server is not accepting requests (starting up or shutting down)")
+        if not inputs:
+            raise EmptyInput("no inputs given: send at least one text")
+        self.check_outputs(want)
+        limit = self.resolve_max_length(max_length)
+        truncate = self.config.auto_truncate if truncate is None else truncate
+        loop = asyncio.get_running_loop()
+        with self.slots.hold(len(inputs)):
+            items: list[WorkItem] = []
+            try:
+                async with asyncio.timeout(self.config.request_timeout):
+                    prepared = await loop.run_in_executor(
+                        self._tokenizer_pool, self._prepare, inputs, limit, truncate, direction
+                    )
+                    tokenized = time.monotonic()
+                    items = [WorkItem(ids, want, loop, loop.create_future()) for ids in prepared.ids]
+                    self.batcher.put(items)
+                    results = await asyncio.gather(*(item.future for item in items))
+            except TimeoutError as exc:
+                raise RequestTimedOut(
+                    f"the request did not finish within the server's timeout of "
+                    f"{self.config.request_timeout:g} s"
+                ) from exc
+            finally:
+                # Whatever did not finish (timeout, error, client gone) must not run or be delivered.
+                for item in items:
+                    if not item.future.done():
+                        item.cancelled = True
+                        item.future.cancel()
+        outputs = [result.output for result in results]
+        queue = max(result.queue_seconds for result in results)
+        inference = max(result.inference_seconds for result in results)
+        tokens = sum(output.num_tokens for output in outputs)
+        self._observer.request_encoded(len(outputs), tokens, tokenized - started, queue)
+        return EncodeResult(
+            outputs=outputs,
+            prompt_tokens=tokens,
+            truncated=prepared.truncated,
+            characters=prepared.characters,
+            timings=Timings(tokenized - started, queue, inference, time.monotonic() - started),
+        )
+
+    def _prepare(
+        self, inputs: Sequence[str | list[int]], limit: int, truncate: bool, direction: str
+    ) -> _Prepared:
+        """Validates and tokenises (runs in the tokenizer pool, off the event loop)."""
+        if direction not in ("right", "left"):
+            raise InvalidInput(f"truncation direction must be 'right' or 'left', not {direction!r}")
+        ids: list[list[int] | None] = [None] * len(inputs)
+        text_positions: list[int] = []
+        texts: list[str] = []
+        truncated = 0
+        characters = 0
+        for index, value in enumerate(inputs):
+            if isinstance(value, str):
+                _check_text(index, value)
+                text_positions.append(index)
+                texts.append(value)
+                characters += len(value)
+            else:
+                seq = self._check_ids(index, list(value))
+                if len(seq) > limit:
+                    if not truncate:
+                        raise InputTooLong(index, len(seq), limit)
+                    seq = seq[:limit] if direction == "right" else seq[-limit:]
+                    truncated += 1
+                ids[index] = seq
+        if texts:
+            encoded = self.tokenizer.encode(texts, limit, truncate=truncate, direction=direction)
+            for position, seq, was_cut, full in zip(
+                text_positions, encoded.ids, encoded.truncated, encoded.full_lengths, strict=True
+            ):
+                if len(seq) > limit:
+                    raise InputTooLong(position, full, limit)
+                truncated += int(was_cut)
+                ids[position] = seq
+        return _Prepared(ids=ids, truncated=truncated, characters=characters)  # type: ignore[arg-type]
+
+    def _check_ids(self, index: int, seq: list[int]) -> list[int]:
+        if not seq:
+            raise EmptyInput(f"input {index} is an empty list of token ids")
+        bad = next((t for t in seq if not isinstance(t, int) or t < 0 or t >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidInput(
+                f"input {index} holds token id {bad!r}, outside the model's vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+        return seq
+
+    async def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list]:
+        """TEI /tokenize: token id, text, special flag and character offsets per input."""
+        if not texts:
+            raise EmptyInput("no inputs given: send at least one text")
+        for index, text in enumerate(texts):
+            _check_text(index, text)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizer_pool,
+            lambda: [self.tokenizer.tokenize_detailed(text, add_special_tokens) for text in texts],
+        )
+
+    async def decode(self, sequences: Sequence[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """TEI /decode: token ids back to text, one string per sequence."""
+        if not sequences:
+            raise EmptyInput("no ids given")
+        checked = [
+            self._check_ids(index, list(seq)) if seq else [] for index, seq in enumerate(sequences)
+        ]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizer_pool,
+            lambda: [self.tokenizer.decode(seq, skip_special_tokens) for seq in checked],
+        )
+
+
+def _check_text(index: int, text: str) -> None:
+    if not text:
+        raise EmptyInput(f"input {index} is an empty string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON escapes can smuggle lone surrogates in; the tokenizer would crash on them.
+        raise InvalidInput(f"input {index} is not valid Unicode text (it holds a lone surrogate)") from exc

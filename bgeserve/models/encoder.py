@@ -1,0 +1,158 @@
+"""BERT / XLM-RoBERTa encoder in plain torch, loaded by weight-name mapping.
+
+Ours rather than transformers' classes so the speed work (packing, fused projections, quantisation,
+compile) can change it freely. Q, K and V are fused into one projection at load time.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bgeserve.errors import InvalidCheckpoint
+from bgeserve.models.config import EncoderConfig
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Embeddings(nn.Module):
+    """Word + position + token-type embeddings, then LayerNorm."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.cfg.uses_roberta_positions:
+            # XLM-R: real tokens are numbered pad_id+1, pad_id+2, ...; padding keeps pad_id.
+            mask = attention_mask.to(torch.long)
+            positions = torch.cumsum(mask, dim=1) * mask + self.cfg.pad_token_id
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        hidden = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            # Single-segment inputs: token type 0 everywhere.
+            + self.token_type_embeddings.weight[0]
+        )
+        return self.LayerNorm(hidden)
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN transformer block: fused QKV attention, then GELU feed-forward."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(h, 3 * h)
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(h, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, h)
+        self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        try:
+            self.act = _ACTIVATIONS[cfg.hidden_act]
+        except KeyError as exc:
+            raise InvalidCheckpoint(f"activation {cfg.hidden_act!r} is not supported") from exc
+
+    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, n, h = hidden.shape
+        q, k, v = (
+            self.qkv(hidden).view(b, n, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        ctx = ctx.transpose(1, 2).reshape(b, n, h)
+        hidden = self.attn_norm(self.attn_out(ctx) + hidden)
+        return self.ffn_norm(self.ffn_out(self.act(self.ffn_in(hidden))) + hidden)
+
+
+class TransformerEncoder(nn.Module):
+    """Returns the last hidden state [batch, seq, hidden] for padded input ids."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.embeddings(input_ids, attention_mask)
+        # Boolean key mask broadcast over heads and queries: True = attend.
+        attn_mask = attention_mask.to(torch.bool)[:, None, None, :]
+        for layer in self.layers:
+            hidden = layer(hidden, attn_mask)
+        return hidden
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads weights named as transformers' BertModel / XLMRobertaModel save them."""
+        mapped = map_hf_weights(state, self.cfg.num_layers)
+        missing, unexpected = self.load_state_dict(mapped, strict=False)
+        if missing or unexpected:
+            raise InvalidCheckpoint(
+                f"checkpoint weights do not fit a {self.cfg.model_type} encoder: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+
+
+_LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+_LAYER_NAMES = {
+    "attention.output.dense": "attn_out",
+    "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "ffn_in",
+    "output.dense": "ffn_out",
+    "output.LayerNorm": "ffn_norm",
+}
+_MODEL_PREFIXES = ("roberta.", "bert.", "model.", "xlm_roberta.")
+_IGNORED_PREFIXES = ("pooler.", "lm_head.", "cls.", "embeddings.position_ids")
+
+
+def _normalise_key(key: str) -> str:
+    for prefix in _MODEL_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+            break
+    # Very old BERT checkpoints name LayerNorm parameters gamma / beta.
+    return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+
+
+def map_hf_weights(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Renames Hugging Face weights to ours and fuses query/key/value into `qkv`."""
+    out: dict[str, torch.Tensor] = {}
+    qkv_parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for raw_key, tensor in state.items():
+        key = _normalise_key(raw_key)
+        if key.startswith(_IGNORED_PREFIXES):
+            continue
+        if key.startswith("embeddings."):
+            out[key] = tensor
+            continue
+        match = _LAYER_KEY.match(key)
+        if not match:
+            out[key] = tensor  # reported as unexpected by load_state_dict
+            continue
+        layer, rest = int(match.group(1)), match.group(2)
+        module, _, param = rest.rpartition(".")
+        if module.startswith("attention.self."):
+            qkv_parts.setdefault((layer, param), {})[module.rsplit(".", 1)[1]] = tensor
+        elif module in _LAYER_NAMES:
+            out[f"layers.{layer}.{_LAYER_NAMES[module]}.{param}"] = tensor
+        else:
+            out[key] = tensor
+    for (layer, param), parts in qkv_parts.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise InvalidCheckpoint(f"layer {layer}: attention {param} lacks one of query/key/value")
+        out[f"layers.{layer}.qkv.{param}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+    return out

@@ -1,0 +1,55 @@
+"""bge-m3 output heads, computed exactly as FlagEmbedding's M3Embedder does, with tensor operations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pool_dense(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
+    """Sentence vector [batch, hidden]: CLS row or masked mean, L2-normalised when asked."""
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def token_weights(hidden: torch.Tensor, sparse_linear: torch.nn.Linear) -> torch.Tensor:
+    """relu(sparse_linear(H)) per token, [batch, seq]."""
+    return torch.relu(sparse_linear(hidden)).squeeze(-1)
+
+
+def colbert_vectors(hidden: torch.Tensor, colbert_linear: torch.nn.Linear) -> torch.Tensor:
+    """colbert_linear(H[:, 1:]), each row L2-normalised, [batch, seq - 1, dim] (padding rows included:
+    callers keep the first num_tokens - 1 rows of each item)."""
+    return F.normalize(colbert_linear(hidden[:, 1:]), dim=-1)
+
+
+def lexical_weights(
+    weights: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, unused_ids: torch.Tensor
+) -> list[dict[str, float]]:
+    """Per item: {token id as str: max weight over its positions}, special ids and weights <= 0 dropped.
+
+    Keys come in the order of each id's first kept position, as FlagEmbedding builds its dicts.
+    Vectorised over the whole batch: one unique + two scatter-reduces, no per-token Python loop.
+    """
+    weights = weights.float().cpu()
+    input_ids = input_ids.cpu()
+    keep = mask.cpu().bool() & (weights > 0) & ~torch.isin(input_ids, unused_ids.cpu())
+    item, pos = keep.nonzero(as_tuple=True)
+    tokens, values = input_ids[item, pos], weights[item, pos]
+    stride = int(input_ids.max().item()) + 1 if input_ids.numel() else 1
+    uniq, inverse = torch.unique(item * stride + tokens, return_inverse=True)
+    best = torch.zeros(len(uniq)).scatter_reduce(0, inverse, values, "amax", include_self=False)
+    first = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(
+        0, inverse, pos, "amin", include_self=False
+    )
+    owner = uniq // stride
+    order = torch.argsort(owner * (input_ids.shape[1] + 1) + first)
+    owner, token_ids, best = owner[order].tolist(), (uniq % stride)[order].tolist(), best[order].tolist()
+    result: list[dict[str, float]] = [{} for _ in range(input_ids.shape[0])]
+    for b, tid, w in zip(owner, token_ids, best, strict=True):
+        result[b][str(tid)] = w
+    return result

@@ -1,0 +1,91 @@
+"""The torch runtime: pads a batch, runs the encoder and heads, returns numpy results per item."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from bgeserve.errors import ModelLacksOutput
+from bgeserve.models.checkpoint import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, Checkpoint
+from bgeserve.models.embedding_model import EmbeddingModel
+from bgeserve.models.heads import colbert_vectors, lexical_weights, pool_dense, token_weights
+from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
+from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+class TorchBackend:
+    """One model replica on one device (implements runtime.backend.Backend)."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        threads: int | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if threads:
+            torch.set_num_threads(threads)
+        self.checkpoint = checkpoint
+        self.hidden_size = checkpoint.hidden_size
+        self.capabilities: Capabilities = checkpoint.capabilities
+        model = EmbeddingModel(checkpoint)
+        if self.dtype == "int8":
+            # Dynamic int8 on the encoder's linear layers; the small heads stay fp32.
+            model.encoder = torch.ao.quantization.quantize_dynamic(
+                model.encoder, {nn.Linear}, dtype=torch.qint8
+            )
+        self.model = model.to(device=self.device, dtype=DTYPES[self.dtype]).eval()
+        self._pad_id = checkpoint.config.pad_token_id
+        self._unused_ids = torch.tensor(sorted(checkpoint.unused_token_ids), dtype=torch.long)
+        log.info("loaded %s on %s (%s)", checkpoint.name, self.device, self.dtype)
+
+    def _check(self, want: OutputRequest) -> None:
+        if want.sparse and not self.capabilities.sparse:
+            raise ModelLacksOutput("sparse lexical weights", self.checkpoint.name, SPARSE_HEAD_FILE)
+        if want.colbert and not self.capabilities.colbert:
+            raise ModelLacksOutput("ColBERT vectors", self.checkpoint.name, COLBERT_HEAD_FILE)
+
+    @torch.inference_mode()
+    def run(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
+        """Encodes id sequences (special tokens included); returns one ItemOutput per sequence."""
+        self._check(want)
+        if not batch:
+            return []
+        lengths = [len(ids) for ids in batch]
+        width = max(lengths)
+        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        ids_dev, mask_dev = ids.to(self.device), mask.to(self.device)
+        hidden = self.model(ids_dev, mask_dev)
+        items = [ItemOutput(num_tokens=n) for n in lengths]
+        if want.dense:
+            dense = pool_dense(hidden, mask_dev, self.checkpoint.pooling, want.normalize_dense)
+            for item, vec in zip(items, _to_numpy(dense), strict=True):
+                item.dense = vec
+        if want.sparse:
+            weights = token_weights(hidden, self.model.sparse_linear)
+            for item, lw in zip(items, lexical_weights(weights, ids, mask, self._unused_ids), strict=True):
+                item.lexical_weights = lw
+        if want.colbert:
+            vecs = _to_numpy(colbert_vectors(hidden, self.model.colbert_linear))
+            for item, v in zip(items, vecs, strict=True):
+                item.colbert = np.ascontiguousarray(v[: item.num_tokens - 1])
+        if want.token_embeddings:
+            states = _to_numpy(hidden)
+            for item, h in zip(items, states, strict=True):
+                item.token_embeddings = np.ascontiguousarray(h[: item.num_tokens])
+        return items
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.float().cpu().numpy()
