@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 from tokenizers.trainers import UnigramTrainer
 
@@ -96,14 +96,17 @@ def write_m3_checkpoint(
     _write_json(out / "config.json", _model_config(shape, vocab_size))
     _write_sentence_transformers_files(out, shape.hidden_size)
 
+    # A weights file of the other format left from an earlier run would be loaded instead of this one.
+    for other in set(_WEIGHT_FILES) - {weights}:
+        (out / _WEIGHT_FILES[other]).unlink(missing_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    tensors = _random_tensors(_encoder_spec(shape, vocab_size, key_prefix), generator)
+    spec = _encoder_spec(shape, vocab_size, key_prefix)
+    tensors = _random_tensors(spec, generator)
     if weights == "bin":
         # torch.save needs the whole dict: one copy of the weights, each made once.
         torch.save(dict(tensors), out / _WEIGHT_FILES["bin"])
     else:
-        _stream_safetensors(out / _WEIGHT_FILES["safetensors"], _encoder_spec(shape, vocab_size, key_prefix),
-                            tensors)
+        _stream_safetensors(out / _WEIGHT_FILES["safetensors"], spec, tensors)
 
     # Heads come after the encoder from the same generator; stored in fp16 as upstream does.
     heads = dict(_random_tensors(_heads_spec(shape.hidden_size), generator))
@@ -202,8 +205,8 @@ def _stream_safetensors(file: Path, spec: _Spec, tensors: Iterator[tuple[str, to
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         for _, tensor in tensors:
-            # numpy's native order is little-endian on every platform torch ships for.
-            fh.write(tensor.numpy().tobytes())
+            # numpy's native order is little-endian on every platform torch ships for; no byte copy.
+            fh.write(tensor.numpy().data)
 
 
 # --- tokenizer --------------------------------------------------------------------------------------
@@ -274,8 +277,10 @@ def _xlmr_vocab_from_spm(model: bytes) -> tuple[list[tuple[str, float]], bytes]:
 def _train_unigram(lines: list[str]) -> list[tuple[str, float]]:
     """Unigram vocabulary trained with `tokenizers`, laid out like XLM-R's (specials first, mask last)."""
     tokenizer = Tokenizer(Unigram())
-    tokenizer.normalizer = normalizers.Replace(Regex(" {2,}"), " ")
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+    ])
     trainer = UnigramTrainer(
         vocab_size=_SPM_PIECES + len(_SPECIALS),
         special_tokens=list(_SPECIALS),
@@ -283,22 +288,33 @@ def _train_unigram(lines: list[str]) -> list[tuple[str, float]]:
         show_progress=False,
     )
     tokenizer.train_from_iterator(lines, trainer)
-    vocab = [(str(piece), float(score)) for piece, score in json.loads(tokenizer.to_str())["model"]["vocab"]]
-    if [piece for piece, _ in vocab[:4]] != list(_SPECIALS):
+    trained = json.loads(tokenizer.to_str())["model"]["vocab"]
+    if [piece for piece, _ in trained[:4]] != list(_SPECIALS):
         raise RuntimeError("unexpected special-token layout from the Unigram trainer")
-    return [*vocab, (_MASK, 0.0)]
+    # The trainer is not deterministic: scores differ in the last digits (parallel sums), and the
+    # rare characters it keeps to cover the corpus get near-equal lowest scores in hash order. Round
+    # the former, give the latter one score, and order by score then text: stable ids run to run.
+    pieces = [(str(p), round(float(s), 6)) for p, s in trained[len(_SPECIALS):]]
+    floor = min(score for _, score in pieces)
+    pieces = [(p, floor if score < floor + 0.01 else score) for p, score in pieces]
+    pieces.sort(key=lambda piece: (-piece[1], piece[0]))
+    return [(t, 0.0) for t in _SPECIALS] + pieces + [(_MASK, 0.0)]
 
 
 def _xlmr_tokenizer(vocab: list[tuple[str, float]], charsmap: bytes | None) -> Tokenizer:
-    """The fast tokenizer, built the way XLM-R's tokenizer.json is (as converted by transformers)."""
+    """The fast tokenizer, built as XLM-R's (and so bge-m3's) tokenizer.json is.
+
+    That file normalises with SentencePiece's precompiled NFKC map only, then splits on whitespace
+    and marks each word with a leading `▁`: runs of spaces, and leading or trailing ones, produce no
+    token, exactly as SentencePiece itself does.
+    """
     tokenizer = Tokenizer(Unigram(vocab, unk_id=_SPECIALS.index("<unk>"), byte_fallback=False))
-    collapse_spaces = normalizers.Replace(Regex(" {2,}"), " ")
-    tokenizer.normalizer = (
-        normalizers.Sequence([normalizers.Precompiled(charsmap), collapse_spaces])
-        if charsmap
-        else collapse_spaces
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    if charsmap:
+        tokenizer.normalizer = normalizers.Precompiled(charsmap)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+    ])
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>",
