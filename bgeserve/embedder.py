@@ -16,7 +16,7 @@ from bgeserve.errors import InvalidInput, ModelLacksOutput
 from bgeserve.models.checkpoint import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, load_checkpoint
 from bgeserve.runtime.backend import ItemOutput, OutputRequest
 from bgeserve.runtime.devices import resolve_device, resolve_dtype
-from bgeserve.runtime.torch_backend import TorchBackend
+from bgeserve.runtime.factory import create_backend
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class Embedder:
     """Loads a model once and encodes texts into dense vectors, lexical weights and ColBERT vectors.
 
     `Embedder("/models/bge-m3")` runs on `DEVICE` (auto: CUDA when present, else CPU) at dtype auto
-    (fp16 on CUDA, fp32 on CPU). With no model it loads the bundled all-MiniLM-L6-v2.
+    (fp16 on CUDA, fp32 on CPU). With no model it loads
+    the bundled all-MiniLM-L6-v2. `backend` is "torch" or "onnx"; `compile` applies torch.compile.
     FlagEmbedding's constructor arguments (`use_fp16`, `devices`, `query_max_length`, ...) are accepted.
     """
 
@@ -47,6 +48,8 @@ class Embedder:
         model: str | None = None,
         device: str | None = None,
         dtype: str = "auto",
+        backend: str = "torch",
+        compile: bool = False,
         max_length: int | None = None,
         batch_size: int = 256,
         max_batch_tokens: int = 16384,
@@ -72,7 +75,9 @@ class Embedder:
             # FlagEmbedding runs fp32 on CPU whatever use_fp16 says.
             dtype = "fp16" if use_fp16 and self.device != "cpu" else "fp32"
         self.dtype = resolve_dtype(dtype, self.device)
-        self.backend = TorchBackend(self.checkpoint, device=self.device, dtype=self.dtype, threads=threads)
+        self.backend = create_backend(
+            self.checkpoint, backend, device=self.device, dtype=self.dtype, threads=threads, compile=compile
+        )
         self.max_length = min(max_length or self.checkpoint.max_length, self.checkpoint.max_length)
         self.query_max_length = query_max_length or self.max_length
         self.passage_max_length = passage_max_length or self.max_length

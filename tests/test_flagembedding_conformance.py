@@ -33,7 +33,7 @@ def pair(request):
     path = str(request.getfixturevalue(request.param))
     flag = BGEM3FlagModel(path, use_fp16=False, devices="cpu", query_max_length=MAX_LENGTH,
                           passage_max_length=MAX_LENGTH)
-    ours = Embedder(path, device="cpu", max_length=MAX_LENGTH)
+    ours = Embedder(path, device="cpu", dtype="fp32", max_length=MAX_LENGTH)
     return ours, flag
 
 

@@ -19,7 +19,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def minilm(minilm_path):
-    return Embedder(str(minilm_path), device="cpu")
+    return Embedder(str(minilm_path), device="cpu", dtype="fp32")
 
 
 def test_dense_matches_sentence_transformers(minilm, minilm_path):

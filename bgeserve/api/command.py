@@ -1,9 +1,88 @@
-"""CLI registration for the api area (placeholder until the area lands)."""
+"""`bgeserve serve`: load the model replicas and serve them over HTTP."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger("bgeserve.serve")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Adds this area's sub-commands to the `bgeserve` parser."""
+    """Adds `serve` to the `bgeserve` parser."""
+    from bgeserve.api.settings import ServeSettings
+
+    parser = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (OpenAI, TEI and native bge-m3 routes)",
+        description="Serve an embedding model over HTTP. Every flag can also be set with the "
+        "environment variable BGESERVE_<FLAG> (e.g. BGESERVE_PORT=9000); flags win. "
+        "DEVICE (the old service's variable) sets --devices when BGESERVE_DEVICES is unset.",
+    )
+    ServeSettings.add_arguments(parser)
+    parser.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Builds the settings, loads the checkpoint and replicas, runs uvicorn until SIGINT/SIGTERM."""
+    from bgeserve.api.logs import configure_logging
+    from bgeserve.api.settings import ServeSettings, SettingsError
+
+    try:
+        # The one place the service reads the environment.
+        settings = ServeSettings.from_sources(args, os.environ)
+    except SettingsError as exc:
+        print(f"bgeserve serve: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_json, settings.log_level)
+    log.info("settings: %s", json.dumps(settings.describe()))
+
+    # Heavy imports (torch) only once the flags are known to be good.
+    from bgeserve.engine.engine import EmbeddingEngine
+    from bgeserve.errors import BgeServeError
+    from bgeserve.models.checkpoint import load_checkpoint
+    from bgeserve.runtime.devices import resolve_devices
+
+    try:
+        checkpoint = load_checkpoint(settings.model)
+        if settings.model is None:
+            log.info("no --model given: serving the bundled %s", checkpoint.name)
+        devices = resolve_devices(settings.devices)
+        engine = EmbeddingEngine.from_checkpoint(
+            checkpoint,
+            devices,
+            dtype=settings.dtype,
+            threads=settings.threads,
+            replicas_per_device=settings.replicas_per_device,
+            config=settings.engine_config(),
+            backend=settings.backend,
+            compile=settings.compile,
+        )
+        engine.warmup()
+    except (BgeServeError, ValueError) as exc:
+        print(f"bgeserve serve: error: {exc}", file=sys.stderr)
+        return 1
+    if settings.max_batch_tokens < engine.max_length:
+        log.warning(
+            "--max-batch-tokens %d is below the model's limit of %d tokens: longest inputs run alone",
+            settings.max_batch_tokens,
+            engine.max_length,
+        )
+
+    import uvicorn
+
+    from bgeserve.api.app import create_app
+
+    app = create_app(settings, engine)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep the logging configured above
+        access_log=False,  # the app logs each request itself, with its timings
+        timeout_graceful_shutdown=None,  # SIGTERM: finish every in-flight request first
+    )
+    return 0

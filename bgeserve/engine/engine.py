@@ -111,9 +111,11 @@ class EmbeddingEngine:
         replicas_per_device: int = 1,
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
+        backend: str = "torch",
+        compile: bool = False,
     ) -> EmbeddingEngine:
         """Loads the model replicas (one per GPU, `replicas_per_device` on CPU) and wires the engine."""
-        backends = build_backends(checkpoint, devices, dtype, threads, replicas_per_device)
+        backends = build_backends(checkpoint, devices, dtype, threads, replicas_per_device, backend, compile)
         return cls(checkpoint, backends, config, observer)
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -224,9 +226,10 @@ class EmbeddingEngine:
                 ) from exc
             finally:
                 # Whatever did not finish (timeout, error, client gone) must not run or be delivered.
+                # (gather may already have cancelled the futures, so flag every item.)
                 for item in items:
+                    item.cancelled = True
                     if not item.future.done():
-                        item.cancelled = True
                         item.future.cancel()
         outputs = [result.output for result in results]
         queue = max(result.queue_seconds for result in results)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,11 +44,9 @@ class WorkItem:
         self._deliver(_set_exception, error)
 
     def _deliver(self, setter, value) -> None:
-        try:
+        # A closed loop means the server is gone and nobody waits for this result.
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(setter, self.future, value)
-        except RuntimeError:
-            # The loop is closed: the server is gone and nobody waits for this result.
-            pass
 
 
 def _set_result(future: asyncio.Future, value: ItemResult) -> None:

@@ -24,13 +24,15 @@ def build_backends(
     dtype: str = "auto",
     threads: int | None = None,
     replicas_per_device: int = 1,
+    backend: str = "torch",
+    compile: bool = False,
 ) -> list[Backend]:
-    """Loads one TorchBackend per GPU, and `replicas_per_device` of them on the CPU.
+    """Loads one backend (torch or onnx) per GPU, and `replicas_per_device` of them on the CPU.
 
     On the CPU, `threads` is per replica; by default the cores are split evenly between replicas.
     """
     from bgeserve.runtime.devices import resolve_dtype
-    from bgeserve.runtime.torch_backend import TorchBackend
+    from bgeserve.runtime.factory import create_backend
 
     backends: list[Backend] = []
     for device in devices:
@@ -40,8 +42,11 @@ def build_backends(
         if on_cpu and not per_replica:
             per_replica = max(1, (os.cpu_count() or 1) // count)
         for _ in range(count):
+            precision = resolve_dtype(dtype, device)
             backends.append(
-                TorchBackend(checkpoint, device=device, dtype=resolve_dtype(dtype, device), threads=per_replica)
+                create_backend(
+                    checkpoint, backend, device=device, dtype=precision, threads=per_replica, compile=compile
+                )
             )
     return backends
 

@@ -63,20 +63,29 @@ class EncoderLayer(nn.Module):
         self.ffn_in = nn.Linear(h, cfg.intermediate_size)
         self.ffn_out = nn.Linear(cfg.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.compute_dtype = torch.float32
         try:
             self.act = _ACTIVATIONS[cfg.hidden_act]
         except KeyError as exc:
             raise InvalidCheckpoint(f"activation {cfg.hidden_act!r} is not supported") from exc
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        # The residual stream and LayerNorms stay in their own (fp32) precision while the projections
+        # may run in fp16/bf16: sums and norms in fp32 are what keep half precision free of inf/NaN.
         b, n, h = hidden.shape
-        q, k, v = (
-            self.qkv(hidden).view(b, n, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
-        )
+        x = hidden.to(self.compute_dtype)
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         ctx = ctx.transpose(1, 2).reshape(b, n, h)
-        hidden = self.attn_norm(self.attn_out(ctx) + hidden)
-        return self.ffn_norm(self.ffn_out(self.act(self.ffn_in(hidden))) + hidden)
+        hidden = self.attn_norm(self.attn_out(ctx).to(hidden.dtype) + hidden)
+        x = hidden.to(self.compute_dtype)
+        return self.ffn_norm(self.ffn_out(self.act(self.ffn_in(x))).to(hidden.dtype) + hidden)
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Projections in `dtype`; LayerNorms stay fp32."""
+        self.compute_dtype = dtype
+        for linear in (self.qkv, self.attn_out, self.ffn_in, self.ffn_out):
+            linear.to(dtype)
 
 
 class TransformerEncoder(nn.Module):
@@ -95,6 +104,12 @@ class TransformerEncoder(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, attn_mask)
         return hidden
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Runs the layers' matrix products in `dtype` (fp16/bf16); embeddings, LayerNorms and the
+        residual stream stay fp32."""
+        for layer in self.layers:
+            layer.set_compute_dtype(dtype)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Loads weights named as transformers' BertModel / XLMRobertaModel save them."""

@@ -124,7 +124,7 @@ _BGESERVE_MIN_TORCH = "2.4"
 
 
 def version_tuple(text: str | None) -> tuple[int, ...]:
-    """"570.26" -> (570, 26); "2.5.1+cu121" -> (2, 5, 1); unparsable parts stop the tuple."""
+    """ "570.26" -> (570, 26); "2.5.1+cu121" -> (2, 5, 1); unparsable parts stop the tuple."""
     parts: list[int] = []
     for piece in re.split(r"[.+]", text or ""):
         if not piece.isdigit():
@@ -143,7 +143,7 @@ def driver_max_cuda(driver: str) -> str | None:
 
 
 def parse_arch(entry: str) -> tuple[str, tuple[int, int], str] | None:
-    """"sm_90a" -> ("sm", (9, 0), "a"); "compute_120" -> ("compute", (12, 0), ""); else None."""
+    """ "sm_90a" -> ("sm", (9, 0), "a"); "compute_120" -> ("compute", (12, 0), ""); else None."""
     found = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", entry.strip())
     if not found:
         return None
@@ -165,9 +165,7 @@ def kernel_support(capability: tuple[int, int], arch_list: list[str]) -> tuple[s
         kind, cap, suffix = parsed
         if kind == "sm":
             exact_only = suffix == "a"
-            fits = cap == capability or (
-                not exact_only and cap[0] == capability[0] and cap[1] <= capability[1]
-            )
+            fits = cap == capability or (not exact_only and cap[0] == capability[0] and cap[1] <= capability[1])
             if fits:
                 sass.append(entry)
         elif cap <= capability:
@@ -217,7 +215,11 @@ def recommend_torch(capabilities: list[tuple[int, int]], driver: str | None) -> 
         return "no single PyTorch CUDA build supports all these GPUs: run one service per GPU kind", ""
     runnable = [v for v in fitting if driver and version_tuple(driver) >= version_tuple(DRIVER_FOR_CUDA[v.cuda])]
     chosen = runnable[-1] if runnable else fitting[0]
-    command = f'pip install "{chosen.torch_spec(min_torch)}" --index-url {PYTORCH_INDEX}/{chosen.tag}'
+    # Uninstall first: an installed 2.8.0+cu126 satisfies "torch>=2.7" and pip would keep it.
+    command = (
+        f'pip uninstall -y torch && pip install "{chosen.torch_spec(min_torch)}" '
+        f"--index-url {PYTORCH_INDEX}/{chosen.tag}"
+    )
     note = "" if runnable else f"first upgrade the NVIDIA driver to >= {DRIVER_FOR_CUDA[chosen.cuda]}, then "
     return command, note
 
@@ -408,7 +410,9 @@ def _older_torch_for_driver(driver: str) -> str:
         return ""
     chosen = runnable[-1]
     spec = chosen.torch_spec(_BGESERVE_MIN_TORCH)
-    return f'install a torch built for CUDA {chosen.cuda}: pip install "{spec}" --index-url {PYTORCH_INDEX}/{chosen.tag}'
+    index = f"{PYTORCH_INDEX}/{chosen.tag}"
+    command = f'pip uninstall -y torch && pip install "{spec}" --index-url {index}'
+    return f"install a torch built for CUDA {chosen.cuda}: {command}"
 
 
 def check_nvcc(facts: GpuFacts) -> Check:
@@ -451,8 +455,12 @@ def _check_one_gpu(facts: GpuFacts, ordinal: int, gpu: GpuInfo) -> Check:
     if facts.gpu_source == "nvidia-smi" and facts.cuda_visible_devices is not None:
         evidence += f" [physical GPU {gpu.index}]"
     if facts.torch_version is None or facts.torch_cuda is None:
-        return Check(name, WARN if facts.torch_version else FAIL, f"{evidence}; torch cannot use it (no CUDA build)",
-                     "see the torch check")
+        return Check(
+            name,
+            WARN if facts.torch_version else FAIL,
+            f"{evidence}; torch cannot use it (no CUDA build)",
+            "see the torch check",
+        )
     if not facts.cuda_available:
         return Check(name, FAIL, f"{evidence}; torch's CUDA did not initialise", "see the torch and driver checks")
     if gpu.capability is None:
@@ -492,18 +500,20 @@ def check_devices(facts: GpuFacts) -> Check:
     auto_text = auto
     if auto.startswith("cuda") and visible:
         auto_text += f" ({visible[_ordinal(auto)].name})" if _ordinal(auto) < len(visible) else ""
+    usable = facts.torch_device_count if facts.cuda_available else 0
+    # `bgeserve serve --devices auto` runs one replica per usable GPU.
+    replicas = f"cuda:0..cuda:{usable - 1}" if usable > 1 else auto
     evidence = (
         f"CUDA_VISIBLE_DEVICES={cvd} ({len(visible)} of {len(facts.gpus)} GPU(s) visible); "
-        f"DEVICE={device}; DEVICE=auto picks {auto_text}"
+        f"DEVICE={device}; DEVICE=auto picks {auto_text}; serve --devices auto uses {replicas}"
     )
     if facts.device_env is not None:
-        spec = facts.device_env.strip().lower()
-        if not _DEVICE_SPEC.fullmatch(spec):
-            return Check("devices", FAIL, evidence, "set DEVICE to auto, cpu, cuda or cuda:N")
-        if spec.startswith("cuda"):
-            usable = facts.torch_device_count if facts.cuda_available else 0
+        # The service also takes a comma list (DEVICE=cuda:0,cuda:1): check every entry.
+        for spec in (part.strip().lower() for part in facts.device_env.split(",")):
+            if not _DEVICE_SPEC.fullmatch(spec):
+                return Check("devices", FAIL, evidence, "set DEVICE to auto, cpu, cuda, cuda:N or a comma list")
             wanted = _ordinal(spec)
-            if wanted >= usable:
+            if spec.startswith("cuda") and wanted >= usable:
                 return Check(
                     "devices",
                     FAIL,
@@ -523,7 +533,7 @@ def check_devices(facts: GpuFacts) -> Check:
             return Check(
                 "devices",
                 WARN,
-                f"{evidence}; entry {entries[len(visible)]!r} matches no GPU and CUDA ignores it and the rest",
+                f"{evidence}; entry {entries[len(visible)]!r} matches no GPU: CUDA ignores it and the rest",
                 "list only existing GPU indices or UUIDs (see nvidia-smi -L)",
             )
     return Check("devices", OK, evidence)
@@ -549,9 +559,15 @@ def check_model(model: str | None, device: str, dtype: str = "auto", text: str =
     try:
         embedder = Embedder(model=model, device=device, dtype=dtype)
         load_s = time.perf_counter() - started
-        embedder.encode([text])  # the first call pays for lazy initialisation; time the second
+        caps = getattr(embedder.checkpoint, "capabilities", None)
+        # A bge-m3 checkpoint answers all three outputs from one pass: check them all.
+        want = {
+            "return_sparse": bool(getattr(caps, "sparse", False)),
+            "return_colbert_vecs": bool(getattr(caps, "colbert", False)),
+        }
+        embedder.encode([text], **want)  # the first call pays for lazy initialisation; time the second
         started = time.perf_counter()
-        out = embedder.encode([text])
+        out = embedder.encode([text], **want)
         query_ms = (time.perf_counter() - started) * 1000
     except Exception as exc:  # noqa: BLE001 - any failure here is the verdict itself
         return Check(
@@ -568,13 +584,22 @@ def check_model(model: str | None, device: str, dtype: str = "auto", text: str =
     )
     if vector.size == 0 or not np.all(np.isfinite(vector)):
         bad = int(np.size(vector) - np.isfinite(vector).sum())
-        return Check(
-            name, FAIL, f"{label}; {bad} non-finite values", "try dtype fp32 or bf16 (fp16 overflows)"
-        )
+        return Check(name, FAIL, f"{label}; {bad} non-finite values", "try dtype fp32 or bf16 (fp16 overflows)")
     norm = float(np.linalg.norm(vector))
     if not math.isclose(norm, 1.0, abs_tol=1e-2):
         return Check(name, FAIL, f"{label}; norm {norm:.4f}, expected 1", "the checkpoint or pooling is wrong")
-    return Check(name, OK, f"{label}; finite, norm {norm:.4f}")
+    extra = []
+    if out.get("lexical_weights") is not None:
+        weights = np.asarray(list(out["lexical_weights"][0].values()), dtype=np.float64)
+        if not np.all(np.isfinite(weights)):
+            return Check(name, FAIL, f"{label}; non-finite sparse weights", "try dtype fp32 or bf16")
+        extra.append(f"sparse {weights.size} terms")
+    if out.get("colbert_vecs") is not None:
+        colbert = np.asarray(out["colbert_vecs"][0], dtype=np.float64)
+        if not np.all(np.isfinite(colbert)):
+            return Check(name, FAIL, f"{label}; non-finite ColBERT vectors", "try dtype fp32 or bf16")
+        extra.append(f"colbert {colbert.shape[0]} rows")
+    return Check(name, OK, f"{label}; finite, norm {norm:.4f}" + "".join(f", {e}" for e in extra))
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -8,6 +8,7 @@ torch, CUDA, nvidia-smi, nvcc and onnxruntime: an absent tool is a fact, not an 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -197,6 +198,7 @@ def _probe_driver(facts: GpuFacts) -> None:
     else:
         with_cap = True
     if listing is None:
+        _probe_nvml(facts)
         return
     for line in listing.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
@@ -223,6 +225,45 @@ def _probe_driver(facts: GpuFacts) -> None:
         found = re.search(r"CUDA Version:\s*([0-9.]+)", header)
         if found:
             facts.driver_cuda_version = found.group(1)
+
+
+def _probe_nvml(facts: GpuFacts) -> None:
+    """Without nvidia-smi (slim containers), NVML through `pynvml` (nvidia-ml-py) gives the same facts."""
+    try:
+        import pynvml
+    except ImportError:
+        return
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return
+    try:
+        facts.driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
+        cuda = int(pynvml.nvmlSystemGetCudaDriverVersion())  # e.g. 12080
+        facts.driver_cuda_version = f"{cuda // 1000}.{cuda % 1000 // 10}"
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            facts.gpus.append(
+                GpuInfo(
+                    index=index,
+                    name=_text(pynvml.nvmlDeviceGetName(handle)),
+                    memory_mib=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total // (1024 * 1024)),
+                    capability=(int(major), int(minor)),
+                    uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+                )
+            )
+        facts.gpu_source = "nvidia-smi" if facts.gpus else "none"  # physical GPUs, like nvidia-smi's
+    except Exception:
+        return
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def _text(value: Any) -> str:
+    """pynvml returns bytes in old releases and str in new ones."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _nvcc_version() -> str | None:

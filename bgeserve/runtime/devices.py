@@ -49,11 +49,19 @@ def resolve_devices(spec: str | None) -> list[str]:
     return [resolve_device(part) for part in spec.split(",") if part.strip()]
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU features that make bf16 matrix products faster than fp32."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
 def resolve_dtype(dtype: str | None, device: str) -> str:
     """'auto' -> fp16 on CUDA, fp32 on CPU; rejects precisions the device cannot run."""
     name = (dtype or "auto").strip().lower()
     name = _DTYPE_ALIASES.get(name, name)
     if name == "auto":
+        # CPU stays exact (fp32): FlagEmbedding parity is what `auto` promises there. bf16 is opt-in;
+        # cpu_has_native_bf16() tells where it pays off.
         return "fp16" if device.startswith("cuda") else "fp32"
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use auto, fp32, fp16, bf16 or int8")

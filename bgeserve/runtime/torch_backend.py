@@ -17,6 +17,8 @@ from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
+COMPILE_LENGTH_BUCKET = 32
+
 
 class TorchBackend:
     """One model replica on one device (implements runtime.backend.Backend)."""
@@ -27,6 +29,7 @@ class TorchBackend:
         device: str = "cpu",
         dtype: str = "fp32",
         threads: int | None = None,
+        compile: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -37,14 +40,26 @@ class TorchBackend:
         self.capabilities: Capabilities = checkpoint.capabilities
         model = EmbeddingModel(checkpoint)
         if self.dtype == "int8":
-            # Dynamic int8 on the encoder's linear layers; the small heads stay fp32.
-            model.encoder = torch.ao.quantization.quantize_dynamic(
-                model.encoder, {nn.Linear}, dtype=torch.qint8
+            # Dynamic int8 on the encoder layers' projections; embeddings, norms and heads stay fp32.
+            model.encoder.layers = torch.ao.quantization.quantize_dynamic(
+                model.encoder.layers, {nn.Linear}, dtype=torch.qint8
             )
-        self.model = model.to(device=self.device, dtype=DTYPES[self.dtype]).eval()
+        model = model.to(self.device).eval()
+        if self.dtype in ("fp16", "bf16"):
+            model.encoder.set_compute_dtype(DTYPES[self.dtype])
+        self.model = model
         self._pad_id = checkpoint.config.pad_token_id
         self._unused_ids = torch.tensor(sorted(checkpoint.unused_token_ids), dtype=torch.long)
-        log.info("loaded %s on %s (%s)", checkpoint.name, self.device, self.dtype)
+        # Compiled graphs are shape-specialised: pad lengths to buckets so a few graphs serve all inputs.
+        self._bucket = COMPILE_LENGTH_BUCKET if compile else 1
+        self._forward = torch.compile(model, dynamic=True) if compile else model
+        if compile:
+            self._warm_up()
+        log.info("loaded %s on %s (%s%s)", checkpoint.name, self.device, self.dtype, ", compiled" if compile else "")
+
+    def _warm_up(self) -> None:
+        for length in (8, 64):
+            self.run([[self._pad_id + 1] * length] * 2, OutputRequest())
 
     def _check(self, want: OutputRequest) -> None:
         if want.sparse and not self.capabilities.sparse:
@@ -59,14 +74,14 @@ class TorchBackend:
         if not batch:
             return []
         lengths = [len(ids) for ids in batch]
-        width = max(lengths)
+        width = -(-max(lengths) // self._bucket) * self._bucket
         ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
         ids_dev, mask_dev = ids.to(self.device), mask.to(self.device)
-        hidden = self.model(ids_dev, mask_dev)
+        hidden = self._forward(ids_dev, mask_dev)
         items = [ItemOutput(num_tokens=n) for n in lengths]
         if want.dense:
             dense = pool_dense(hidden, mask_dev, self.checkpoint.pooling, want.normalize_dense)

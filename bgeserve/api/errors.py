@@ -1,0 +1,153 @@
+"""The one place where errors become HTTP status codes and JSON bodies.
+
+Two shapes, chosen by the route family:
+- OpenAI and native routes (`/v1/*`, `/embeddings`, `/encode`, `/score`):
+  `{"error": {"message", "type", "param", "code"}}`
+- TEI routes (everything else): `{"error": "...", "error_type": "Validation" | "Empty" | ...}`
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bgeserve.engine.errors import EmptyInput, NonFiniteOutput, RequestTimedOut, ShuttingDown
+from bgeserve.errors import InputTooLong, InvalidInput, ModelLacksOutput, Overloaded
+
+log = logging.getLogger(__name__)
+
+OPENAI_PREFIXES = ("/v1/", "/embeddings", "/encode", "/score")
+
+
+class Unauthorized(Exception):
+    """Missing or wrong API key."""
+
+
+class PayloadTooLarge(Exception):
+    """The request body is over --payload-limit."""
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """How one error type looks on the wire in each route family."""
+
+    status: int
+    openai_type: str
+    openai_code: str | None
+    tei_type: str
+    tei_status: int | None = None  # TEI's fixed status for its error type when it differs
+
+
+# Order matters: subclasses before their bases.
+_KINDS: list[tuple[type[BaseException], ErrorKind]] = [
+    (ClientDisconnected, ErrorKind(499, "invalid_request_error", "client_closed", "Cancelled")),
+    (Unauthorized, ErrorKind(401, "invalid_request_error", "invalid_api_key", "Unauthorized")),
+    (PayloadTooLarge, ErrorKind(413, "invalid_request_error", "payload_too_large", "Validation")),
+    (Overloaded, ErrorKind(429, "rate_limit_error", "overloaded", "Overloaded")),
+    (EmptyInput, ErrorKind(400, "invalid_request_error", "empty_input", "Empty")),
+    (InputTooLong, ErrorKind(400, "invalid_request_error", "context_length_exceeded", "Validation", 422)),
+    (ModelLacksOutput, ErrorKind(400, "invalid_request_error", "model_lacks_output", "Validation", 422)),
+    (InvalidInput, ErrorKind(400, "invalid_request_error", "invalid_input", "Validation", 422)),
+    (RequestTimedOut, ErrorKind(504, "timeout_error", "timeout", "Timeout")),
+    (ShuttingDown, ErrorKind(503, "server_error", "unavailable", "Unhealthy")),
+    (NonFiniteOutput, ErrorKind(500, "server_error", "non_finite_output", "Backend", 424)),
+]
+_UNEXPECTED = ErrorKind(500, "server_error", "internal_error", "Backend", 424)
+
+
+def is_openai_family(path: str) -> bool:
+    """True for routes that answer errors in OpenAI's shape."""
+    return path.startswith(OPENAI_PREFIXES)
+
+
+def error_response(
+    path: str,
+    message: str,
+    kind: ErrorKind,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The JSON error of `kind` in the shape of the route family `path` belongs to."""
+    if is_openai_family(path):
+        body = {
+            "error": {"message": message, "type": kind.openai_type, "param": param, "code": kind.openai_code}
+        }
+        return JSONResponse(body, status_code=kind.status, headers=headers)
+    status = kind.tei_status or kind.status
+    return JSONResponse({"error": message, "error_type": kind.tei_type}, status_code=status, headers=headers)
+
+
+def response_for_exception(path: str, exc: BaseException) -> JSONResponse:
+    """Maps any exception to its response; unknown ones are logged and become a 500 (TEI: 424)."""
+    for error_type, kind in _KINDS:
+        if isinstance(exc, error_type):
+            # Checks of other fields set `param` on the error; the rest are about the inputs.
+            default = "input" if isinstance(exc, InvalidInput | InputTooLong) else None
+            param = getattr(exc, "param", default)
+            headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+            return error_response(path, str(exc), kind, param, headers)
+    log.error("unexpected error on %s", path, exc_info=exc)
+    return error_response(path, f"internal error: {type(exc).__name__}: {exc}", _UNEXPECTED)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, bool]:
+    """(message, param, is_malformed_json) from pydantic's error list, the first few errors only."""
+    parts: list[str] = []
+    param = None
+    for error in exc.errors()[:3]:
+        if error.get("type") == "json_invalid":
+            detail = error.get("ctx", {}).get("error", "syntax error")
+            where = error.get("loc", ("body", None))[-1]
+            at = f" at character {where}" if isinstance(where, int) else ""
+            return f"request body is not valid JSON ({detail}{at})", None, True
+        loc = [str(x) for x in error.get("loc", ()) if x != "body"]
+        # Pydantic names union members in the location (e.g. `input.list[int]`); users want the field.
+        loc = [x for x in loc if "[" not in x and x not in {"str", "int", "float", "bool"}]
+        field = ".".join(loc)
+        param = param or (loc[0] if loc else None)
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if error.get("type") == "missing":
+            message = "field required"
+        if error.get("type") == "model_attributes_type" and not field:
+            message = "the request body must be a JSON object"
+        parts.append(f"`{field}`: {message}" if field else message)
+    unique = list(dict.fromkeys(parts))
+    return "; ".join(unique) or "invalid request", param, False
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Routes every error raised while serving through this module."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param, malformed = _validation_message(exc)
+        kind = ErrorKind(400, "invalid_request_error", "invalid_json" if malformed else "invalid_value",
+                         "Validation", 400 if malformed else 422)
+        return error_response(request.url.path, message, kind, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in detail:
+            # What FastAPI says for bytes that are not UTF-8 at all.
+            detail = "request body is not valid UTF-8 JSON"
+        tei_type = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "Validation")
+        kind = ErrorKind(exc.status_code, "invalid_request_error", None, tei_type)
+        return error_response(request.url.path, detail, kind, headers=getattr(exc, "headers", None))
+
+    async def _known(request: Request, exc: Exception) -> JSONResponse:
+        return response_for_exception(request.url.path, exc)
+
+    for error_type, _ in _KINDS:
+        app.add_exception_handler(error_type, _known)
+    # Anything else is a bug or a device failure: Starlette answers with this, then logs the traceback.
+    app.add_exception_handler(Exception, _known)

@@ -1,0 +1,204 @@
+"""text-embeddings-inference compatible routes: same paths, fields, defaults and error shape as TEI 1.x."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from bgeserve import __version__
+from bgeserve.api.auth import require_api_key
+from bgeserve.api.cancellation import unless_disconnected
+from bgeserve.api.errors import ErrorKind, error_response
+from bgeserve.api.outputs import (
+    check_batch_size,
+    check_dimensions,
+    check_prompt_name,
+    dense_matrix,
+    sparse_values,
+    timing_headers,
+    truncation_direction,
+)
+from bgeserve.api.schemas import (
+    DecodeRequest,
+    EmbedAllRequest,
+    EmbedRequest,
+    EmbedSparseRequest,
+    Rank,
+    RerankRequest,
+    SimpleToken,
+    SparseValue,
+    TokenizeRequest,
+    as_input_list,
+)
+from bgeserve.api.scores import dense_scores, hybrid_scores
+from bgeserve.api.state import ServiceDep
+from bgeserve.engine.errors import EmptyInput
+from bgeserve.runtime.backend import OutputRequest
+
+router = APIRouter(tags=["TEI"], dependencies=[Depends(require_api_key)])
+health_router = APIRouter(tags=["TEI"])
+
+# FlagEmbedding's suggested hybrid weights for ranking (dense, sparse, colbert).
+DEFAULT_RERANK_WEIGHTS = (0.4, 0.2, 0.4)
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
+
+
+@router.post("/embed", response_model=list[list[float]])
+async def embed(body: EmbedRequest, request: Request, svc: ServiceDep) -> JSONResponse:
+    """Dense embeddings, one list per input (normalised unless `normalize` is false)."""
+    inputs = as_input_list(body.inputs)
+    check_batch_size(len(inputs), svc.settings.max_client_batch_size)
+    check_dimensions(body.dimensions, svc.engine.hidden_size)
+    check_prompt_name(body.prompt_name)
+    want = OutputRequest(dense=True, normalize_dense=body.normalize)
+    result = await unless_disconnected(
+        request,
+        svc.engine.encode(
+            inputs, want, truncate=body.truncate, direction=truncation_direction(body.truncation_direction)
+        ),
+    )
+    matrix = dense_matrix(result.outputs, body.dimensions, normalize=body.normalize)
+    return JSONResponse(matrix.tolist(), headers=timing_headers(result))
+
+
+@router.post("/embed_sparse", response_model=list[list[SparseValue]])
+async def embed_sparse(
+    body: EmbedSparseRequest, request: Request, svc: ServiceDep
+) -> JSONResponse:
+    """bge-m3 lexical weights per input as `[{"index": token_id, "value": weight}]`, sorted by index."""
+    inputs = as_input_list(body.inputs)
+    check_batch_size(len(inputs), svc.settings.max_client_batch_size)
+    check_prompt_name(body.prompt_name)
+    want = OutputRequest(dense=False, sparse=True)
+    result = await unless_disconnected(
+        request,
+        svc.engine.encode(
+            inputs, want, truncate=body.truncate, direction=truncation_direction(body.truncation_direction)
+        ),
+    )
+    content = [sparse_values(output.lexical_weights or {}) for output in result.outputs]
+    return JSONResponse(content, headers=timing_headers(result))
+
+
+@router.post("/embed_all", response_model=list[list[list[float]]])
+async def embed_all(body: EmbedAllRequest, request: Request, svc: ServiceDep) -> JSONResponse:
+    """The last hidden state of every token (special tokens included), per input."""
+    inputs = as_input_list(body.inputs)
+    check_batch_size(len(inputs), svc.settings.max_client_batch_size)
+    check_prompt_name(body.prompt_name)
+    want = OutputRequest(dense=False, token_embeddings=True)
+    result = await unless_disconnected(
+        request,
+        svc.engine.encode(
+            inputs, want, truncate=body.truncate, direction=truncation_direction(body.truncation_direction)
+        ),
+    )
+    content = [output.token_embeddings.tolist() for output in result.outputs]
+    return JSONResponse(content, headers=timing_headers(result))
+
+
+@router.post("/rerank", response_model=list[Rank])
+async def rerank(body: RerankRequest, request: Request, svc: ServiceDep) -> JSONResponse:
+    """Ranks `texts` against `query`, best first.
+
+    bge-m3 has no cross-encoder, so the score is its hybrid `compute_score` of one forward pass per
+    text: `colbert+sparse+dense` with weights 0.4/0.2/0.4 unless `weights_for_different_modes` says
+    otherwise. A model without sparse/ColBERT heads ranks by dense cosine similarity only.
+    """
+    if not body.texts:
+        raise EmptyInput("`texts` cannot be empty")
+    check_batch_size(len(body.texts), svc.settings.max_client_batch_size, what="texts")
+    check_prompt_name(body.prompt_name)
+    caps = svc.engine.capabilities
+    want = OutputRequest(dense=True, sparse=caps.sparse, colbert=caps.colbert)
+    result = await unless_disconnected(
+        request,
+        svc.engine.encode(
+            [body.query, *body.texts],
+            want,
+            truncate=body.truncate,
+            direction=truncation_direction(body.truncation_direction),
+        ),
+    )
+    query, *docs = result.outputs
+    queries = [query] * len(docs)
+    if caps.sparse and caps.colbert:
+        weights = body.weights_for_different_modes or DEFAULT_RERANK_WEIGHTS
+        scores = hybrid_scores(queries, docs, weights)["colbert+sparse+dense"]
+    else:
+        scores = dense_scores(queries, docs)
+    order = sorted(range(len(docs)), key=lambda i: -scores[i])
+    content = []
+    for i in order:
+        rank: dict = {"index": i, "score": scores[i]}
+        if body.return_text:
+            rank["text"] = body.texts[i]
+        content.append(rank)
+    return JSONResponse(content, headers=timing_headers(result))
+
+
+@router.post("/tokenize", response_model=list[list[SimpleToken]])
+async def tokenize(body: TokenizeRequest, svc: ServiceDep) -> JSONResponse:
+    """Tokens with ids, text, special flag and character offsets, one list per input."""
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    check_batch_size(len(texts), svc.settings.max_client_batch_size)
+    check_prompt_name(body.prompt_name)
+    tokens = await svc.engine.tokenize(texts, body.add_special_tokens)
+    content = [
+        [
+            {"id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop}
+            for t in per_text
+        ]
+        for per_text in tokens
+    ]
+    return JSONResponse(content)
+
+
+@router.post("/decode", response_model=list[str])
+async def decode(body: DecodeRequest, svc: ServiceDep) -> JSONResponse:
+    """Token ids back to text, one string per id list."""
+    single = bool(body.ids) and all(isinstance(x, int) for x in body.ids)
+    sequences = [body.ids] if single else body.ids
+    check_batch_size(len(sequences), svc.settings.max_client_batch_size)
+    return JSONResponse(await svc.engine.decode(sequences, body.skip_special_tokens))  # type: ignore[arg-type]
+
+
+@router.get("/info")
+async def info(svc: ServiceDep) -> dict:
+    """TEI's /info fields, plus what bge-m3 clients need (hidden size, outputs, replicas)."""
+    engine, settings = svc.engine, svc.settings
+    caps = engine.capabilities
+    return {
+        "model_id": svc.model_name,
+        "model_sha": None,
+        "model_dtype": _DTYPE_NAMES.get(engine.dtype, engine.dtype),
+        "model_type": {"embedding": {"pooling": getattr(engine.checkpoint, "pooling", "cls")}},
+        "max_concurrent_requests": settings.max_concurrent_requests,
+        "max_input_length": engine.max_length,
+        "max_batch_tokens": settings.max_batch_tokens,
+        "max_batch_requests": settings.max_batch_requests,
+        "max_client_batch_size": settings.max_client_batch_size,
+        "auto_truncate": settings.auto_truncate,
+        "tokenization_workers": settings.tokenization_workers,
+        "version": __version__,
+        "sha": None,
+        "docker_label": None,
+        "hidden_size": engine.hidden_size,
+        "outputs": {"dense": caps.dense, "sparse": caps.sparse, "colbert": caps.colbert},
+        "devices": engine.devices,
+    }
+
+
+@router.get("/metrics")
+async def metrics(svc: ServiceDep) -> Response:
+    """Prometheus text exposition (see `bgeserve.api.metrics` for the names)."""
+    return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
+
+
+@health_router.get("/health")
+async def health(request: Request, svc: ServiceDep) -> Response:
+    """200 while every replica is serving, 503 otherwise. Needs no API key."""
+    if svc.engine.healthy:
+        return JSONResponse({"status": "ok"})
+    unhealthy = ErrorKind(503, "server_error", None, "Unhealthy")
+    return error_response(request.url.path, "the model replicas are not running", unhealthy)

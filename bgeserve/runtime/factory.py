@@ -1,0 +1,30 @@
+"""Builds the backend a configuration names; the engine and the Embedder only see the Backend protocol."""
+
+from __future__ import annotations
+
+from bgeserve.models.checkpoint import Checkpoint
+from bgeserve.runtime.backend import Backend
+
+BACKENDS = ("torch", "onnx")
+
+
+def create_backend(
+    checkpoint: Checkpoint,
+    backend: str = "torch",
+    device: str = "cpu",
+    dtype: str = "fp32",
+    threads: int | None = None,
+    compile: bool = False,
+) -> Backend:
+    """One model replica on one device. `device` and `dtype` must already be resolved names."""
+    if backend == "torch":
+        from bgeserve.runtime.torch_backend import TorchBackend
+
+        return TorchBackend(checkpoint, device=device, dtype=dtype, threads=threads, compile=compile)
+    if backend == "onnx":
+        if compile:
+            raise ValueError("--compile applies to the torch backend only")
+        from bgeserve.runtime.onnx_backend import OnnxBackend
+
+        return OnnxBackend(checkpoint, device=device, dtype=dtype, threads=threads)
+    raise ValueError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")

@@ -1,0 +1,123 @@
+"""TEI-shaped requests on every TEI route, against the tiny bge-m3 (and MiniLM where it differs)."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import API_KEY
+
+HEADERS = ("x-compute-time", "x-tokenization-time", "x-queue-time", "x-inference-time", "x-compute-tokens")
+
+
+@pytest.fixture(scope="module")
+def http(m3_server) -> httpx.Client:
+    with httpx.Client(base_url=m3_server.url, timeout=60) as client:
+        yield client
+
+
+def test_embed_single_and_batch(http, m3_embedder):
+    one = http.post("/embed", json={"inputs": "What is BGE M3?"})
+    assert one.status_code == 200
+    for name in HEADERS:
+        assert int(one.headers[name]) >= 0
+    many = http.post("/embed", json={"inputs": ["What is BGE M3?", "Definition of BM25"]}).json()
+    expected = m3_embedder.encode(["What is BGE M3?", "Definition of BM25"])["dense_vecs"]
+    assert len(one.json()) == 1
+    np.testing.assert_allclose(one.json()[0], expected[0], atol=1e-5)
+    np.testing.assert_allclose(many, expected, atol=1e-5)
+
+
+def test_embed_normalize_false_and_dimensions(http):
+    raw = np.array(http.post("/embed", json={"inputs": "hello", "normalize": False}).json()[0])
+    unit = np.array(http.post("/embed", json={"inputs": "hello"}).json()[0])
+    np.testing.assert_allclose(raw / np.linalg.norm(raw), unit, atol=1e-5)
+    cut = np.array(http.post("/embed", json={"inputs": "hello", "dimensions": 8}).json()[0])
+    assert cut.shape == (8,) and np.linalg.norm(cut) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_truncation_is_reported_and_direction_matters(http):
+    long = "word " * 600  # tiny bge-m3 takes 512 tokens
+    right = http.post("/embed", json={"inputs": [long + "right end", "short"]})
+    assert right.headers["x-truncated-inputs"] == "1"
+    left = http.post("/embed", json={"inputs": ["left start " + long], "truncation_direction": "Left"})
+    assert left.status_code == 200
+    refused = http.post("/embed", json={"inputs": long, "truncate": False})
+    assert refused.status_code == 422
+    assert "512" in refused.json()["error"] and refused.json()["error_type"] == "Validation"
+
+
+def test_embed_sparse_matches_lexical_weights_sorted_by_index(http, m3_embedder):
+    got = http.post("/embed_sparse", json={"inputs": ["sparse retrieval with BM25"]}).json()[0]
+    expected = m3_embedder.encode("sparse retrieval with BM25", return_dense=False, return_sparse=True)
+    weights = expected["lexical_weights"]
+    assert [item["index"] for item in got] == sorted(int(k) for k in weights)
+    for item in got:
+        assert item["value"] == pytest.approx(weights[str(item["index"])], abs=1e-5)
+
+
+def test_embed_all_gives_one_vector_per_token(http, m3_embedder):
+    got = http.post("/embed_all", json={"inputs": ["two words", "three words here"]}).json()
+    for text, per_token in zip(["two words", "three words here"], got, strict=True):
+        assert len(per_token) == m3_embedder.tokenizer.token_count(text)
+        assert len(per_token[0]) == 32
+
+
+def test_rerank_uses_hybrid_score_sorted_descending(http, m3_embedder):
+    texts = ["BM25 is a bag-of-words ranking function", "The cat sat on the mat", "Paris is in France"]
+    query = "What is BM25?"
+    ranks = http.post("/rerank", json={"query": query, "texts": texts, "return_text": True}).json()
+    assert [r["score"] for r in ranks] == sorted((r["score"] for r in ranks), reverse=True)
+    assert sorted(r["index"] for r in ranks) == [0, 1, 2]
+    assert all(r["text"] == texts[r["index"]] for r in ranks)
+    expected = m3_embedder.compute_score(
+        [[query, t] for t in texts], weights_for_different_modes=[0.4, 0.2, 0.4]
+    )["colbert+sparse+dense"]
+    for r in ranks:
+        assert r["score"] == pytest.approx(expected[r["index"]], abs=1e-4)
+    dense_only = http.post(
+        "/rerank", json={"query": query, "texts": texts, "weights_for_different_modes": [1, 0, 0]}
+    ).json()
+    assert "text" not in dense_only[0]
+
+
+def test_tokenize_and_decode_round_trip(http):
+    tokens = http.post("/tokenize", json={"inputs": "Hello world"}).json()
+    assert len(tokens) == 1
+    first, *_, last = tokens[0]
+    assert first["special"] and last["special"] and first["start"] is None
+    words = [t for t in tokens[0] if not t["special"]]
+    assert "".join("Hello world"[t["start"] : t["stop"]] for t in words).replace(" ", "") == "Helloworld"
+    bare = http.post("/tokenize", json={"inputs": ["Hello world"], "add_special_tokens": False}).json()
+    assert not any(t["special"] for t in bare[0])
+    ids = [t["id"] for t in tokens[0]]
+    assert http.post("/decode", json={"ids": ids}).json() == ["Hello world"]
+    both = http.post("/decode", json={"ids": [ids, ids], "skip_special_tokens": False}).json()
+    assert len(both) == 2 and both[0].startswith("<s>")
+
+
+def test_info_health_and_docs(http):
+    info = http.get("/info").json()
+    assert info["max_input_length"] == 512
+    assert info["max_client_batch_size"] == 32
+    assert info["outputs"] == {"dense": True, "sparse": True, "colbert": True}
+    assert info["devices"] == ["cpu/0", "cpu/1"]
+    assert info["model_dtype"] == "float32"
+    assert http.get("/health").json() == {"status": "ok"}
+    assert http.get("/docs").status_code == 200
+    assert "/encode" in http.get("/openapi.json").json()["paths"]
+
+
+def test_minilm_lacks_sparse_but_reranks_dense_only(minilm_server, minilm_embedder):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    sparse = httpx.post(f"{minilm_server.url}/embed_sparse", json={"inputs": "x"}, headers=auth)
+    assert sparse.status_code == 422
+    assert "sparse_linear.pt" in sparse.json()["error"]
+    texts = ["Paris is the capital of France", "Bananas are yellow"]
+    ranks = httpx.post(
+        f"{minilm_server.url}/rerank", json={"query": "capital of France", "texts": texts}, headers=auth
+    ).json()
+    vecs = minilm_embedder.encode(["capital of France", *texts])["dense_vecs"]
+    assert ranks[0]["index"] == 0
+    assert ranks[0]["score"] == pytest.approx(float(vecs[0] @ vecs[1]), abs=1e-5)

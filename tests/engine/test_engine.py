@@ -1,0 +1,278 @@
+"""EmbeddingEngine on a fake backend: batching across requests, back-pressure, cancellation, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+
+from bgeserve.engine.engine import EmbeddingEngine, EngineConfig
+from bgeserve.engine.errors import EmptyInput, NonFiniteOutput, RequestTimedOut
+from bgeserve.errors import InputTooLong, InvalidInput, ModelLacksOutput, Overloaded
+from bgeserve.runtime.backend import OutputRequest
+
+from .conftest import FakeBackend, expected_dense
+
+DENSE = OutputRequest()
+
+
+def make_engine(checkpoint, backends, **config) -> EmbeddingEngine:
+    engine = EmbeddingEngine(checkpoint, backends, EngineConfig(**config))
+    engine.start()
+    return engine
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def words(rng: random.Random, count: int) -> str:
+    return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]) for _ in range(count))
+
+
+def test_concurrent_requests_get_their_own_outputs_in_order(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend], max_batch_tokens=256, batch_wait_ms=5)
+    rng = random.Random(0)
+    requests = [[words(rng, rng.randint(1, 40)) for _ in range(rng.randint(1, 6))] for _ in range(120)]
+
+    async def main():
+        results = await asyncio.gather(*(engine.encode(texts, DENSE) for texts in requests))
+        await engine.stop()
+        return results
+
+    results = run(main())
+    for texts, result in zip(requests, results, strict=True):
+        assert len(result.outputs) == len(texts)
+        for text, output in zip(texts, result.outputs, strict=True):
+            ids = fake_checkpoint.tokenizer.encode([text], 64).ids[0]
+            np.testing.assert_array_equal(output.dense, expected_dense(ids))
+            assert output.num_tokens == len(ids)
+        assert result.prompt_tokens == sum(o.num_tokens for o in result.outputs)
+    # Inputs of different requests shared batches, and no batch broke the padded-token budget.
+    assert max(len(batch) for batch in backend.batches) > 6
+    for batch in backend.batches:
+        assert len(batch) == 1 or len(batch) * max(map(len, batch)) <= 256
+    assert sum(len(batch) for batch in backend.batches) == sum(map(len, requests))
+    assert engine.slots.taken == 0
+
+
+def test_two_replicas_share_one_queue(fake_checkpoint):
+    first, second = FakeBackend(), FakeBackend()
+    engine = make_engine(fake_checkpoint, [first, second], max_batch_tokens=64)
+    assert engine.devices == ["cpu/0", "cpu/1"]
+
+    async def main():
+        # Whichever replica takes the first request stays stuck, so the other must serve the rest.
+        first.gate.clear()
+        second.gate.clear()
+        blocked = asyncio.create_task(engine.encode(["held by one replica"], DENSE))
+        while not (first.entered.is_set() or second.entered.is_set()):
+            await asyncio.sleep(0.01)
+        stuck, free = (first, second) if first.entered.is_set() else (second, first)
+        free.gate.set()
+        done = await asyncio.gather(*(engine.encode([f"text number {i}"], DENSE) for i in range(10)))
+        stuck.gate.set()
+        await blocked
+        await engine.stop()
+        return done, stuck, free
+
+    done, stuck, free = run(main())
+    assert len(done) == 10
+    assert len(stuck.batches) == 1 and sum(map(len, free.batches)) == 10
+
+
+def test_full_slots_fail_at_once_with_overloaded_and_free_after(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend], max_concurrent_inputs=3)
+
+    async def main():
+        backend.gate.clear()
+        held = asyncio.create_task(engine.encode(["one", "two"], DENSE))
+        await asyncio.to_thread(backend.entered.wait, 5)
+        with pytest.raises(Overloaded):
+            await engine.encode(["three", "four"], DENSE)
+        with pytest.raises(Overloaded, match="never fit"):
+            await engine.encode(["a", "b", "c", "d"], DENSE)
+        # One slot is still free.
+        small = asyncio.create_task(engine.encode(["five"], DENSE))
+        backend.gate.set()
+        await asyncio.gather(held, small)
+        assert engine.slots.taken == 0
+        await engine.encode(["six", "seven", "eight"], DENSE)
+        await engine.stop()
+
+    run(main())
+
+
+def test_cancelled_request_frees_slots_and_never_runs(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend], max_concurrent_inputs=8)
+
+    async def main():
+        backend.gate.clear()
+        first = asyncio.create_task(engine.encode(["running now"], DENSE))
+        await asyncio.to_thread(backend.entered.wait, 5)
+        gone = asyncio.create_task(engine.encode(["client went away"] * 4, DENSE))
+        while engine.queue_depth < 4:
+            await asyncio.sleep(0.01)
+        assert engine.slots.taken == 5
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert engine.slots.taken == 1
+        backend.gate.set()
+        await first
+        await engine.stop()
+
+    run(main())
+    ids = fake_checkpoint.tokenizer.encode(["client went away"], 64).ids[0]
+    assert all(ids not in batch for batch in backend.batches)
+
+
+def test_timeout_raises_and_frees_slots(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend], request_timeout=0.2)
+
+    async def main():
+        backend.gate.clear()
+        with pytest.raises(RequestTimedOut, match="0.2 s"):
+            await engine.encode(["slow"], DENSE)
+        assert engine.slots.taken == 0
+        backend.gate.set()
+        await engine.stop()
+
+    run(main())
+
+
+def test_truncation_and_length_limit(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend])
+    long_text = "word " * 200
+
+    async def main():
+        result = await engine.encode([long_text, "short"], DENSE)
+        assert result.truncated == 1
+        assert result.outputs[0].num_tokens == 64
+        left = await engine.encode([long_text + " tail"], DENSE, direction="left")
+        with pytest.raises(InputTooLong, match="limit of 64"):
+            await engine.encode(["short", long_text], DENSE, truncate=False)
+        with pytest.raises(InputTooLong):
+            await engine.encode([list(range(1000, 1100))], DENSE, truncate=False)
+        capped = await engine.encode(["word " * 30], DENSE, max_length=10)
+        assert capped.outputs[0].num_tokens == 10
+        with pytest.raises(InvalidInput, match="max_length"):
+            await engine.encode(["x"], DENSE, max_length=65)
+        await engine.stop()
+        return left
+
+    left = run(main())
+    # Left truncation keeps the end of the text and still ends with [SEP].
+    assert left.outputs[0].num_tokens == 64
+
+
+def test_token_id_inputs_are_used_as_given(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend])
+
+    async def main():
+        result = await engine.encode([[101, 7592, 102], "hello"], DENSE)
+        with pytest.raises(InvalidInput, match="vocabulary"):
+            await engine.encode([[101, 10**9]], DENSE)
+        with pytest.raises(InvalidInput, match="vocabulary"):
+            await engine.encode([[-1]], DENSE)
+        with pytest.raises(EmptyInput):
+            await engine.encode([[]], DENSE)
+        await engine.stop()
+        return result
+
+    result = run(main())
+    np.testing.assert_array_equal(result.outputs[0].dense, result.outputs[1].dense)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "error"),
+    [([], EmptyInput), ([""], EmptyInput), (["ok", "\ud800"], InvalidInput)],
+)
+def test_bad_inputs_are_typed_errors(fake_checkpoint, inputs, error):
+    engine = make_engine(fake_checkpoint, [FakeBackend()])
+
+    async def main():
+        with pytest.raises(error):
+            await engine.encode(inputs, DENSE)
+        assert engine.slots.taken == 0
+        await engine.stop()
+
+    run(main())
+
+
+def test_missing_head_is_refused_before_any_work(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend])
+
+    async def main():
+        with pytest.raises(ModelLacksOutput, match="colbert_linear.pt"):
+            await engine.encode(["x"], OutputRequest(colbert=True))
+        await engine.stop()
+
+    run(main())
+    assert backend.batches == []
+
+
+def test_nan_output_is_an_error_and_a_failing_batch_does_not_kill_the_replica(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend])
+    poison = fake_checkpoint.tokenizer.encode(["poison"], 64).ids[0][1]
+    backend.nan_for.add(poison)
+
+    async def main():
+        with pytest.raises(NonFiniteOutput):
+            await engine.encode(["poison"], DENSE)
+        backend.fail_next = True
+        with pytest.raises(RuntimeError, match="fell over"):
+            await engine.encode(["anything"], DENSE)
+        ok = await engine.encode(["still serving"], DENSE)
+        assert engine.healthy
+        await engine.stop()
+        return ok
+
+    assert np.isfinite(run(main()).outputs[0].dense).all()
+
+
+def test_requests_with_different_outputs_never_share_a_batch(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend], batch_wait_ms=20)
+
+    async def main():
+        dense, sparse = await asyncio.gather(
+            engine.encode(["alpha beta"] * 3, DENSE),
+            engine.encode(["gamma delta"] * 3, OutputRequest(dense=False, sparse=True)),
+        )
+        await engine.stop()
+        return dense, sparse
+
+    dense, sparse = run(main())
+    assert all(o.dense is not None and o.lexical_weights is None for o in dense.outputs)
+    assert all(o.dense is None and o.lexical_weights for o in sparse.outputs)
+    assert len(backend.batches) == 2
+
+
+def test_stop_finishes_queued_work(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend], max_batch_tokens=32)
+
+    async def main():
+        backend.gate.clear()
+        tasks = [asyncio.create_task(engine.encode([f"queued {i}"], DENSE)) for i in range(5)]
+        await asyncio.to_thread(backend.entered.wait, 5)
+        stopping = asyncio.create_task(engine.stop())
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await stopping
+        return await asyncio.gather(*tasks)
+
+    results = run(main())
+    assert len(results) == 5 and all(r.outputs[0].dense is not None for r in results)
+    assert not engine.healthy
