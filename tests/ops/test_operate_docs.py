@@ -15,11 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def operate_text() -> str:
-    """The README once the section is merged there, else docs/operate.md."""
-    readme = REPO / "README.md"
-    if readme.is_file() and "## Upgrading torch / CUDA" in readme.read_text(encoding="utf-8"):
-        return readme.read_text(encoding="utf-8")
-    return (REPO / "docs" / "operate.md").read_text(encoding="utf-8")
+    """The README, which holds the upgrade walkthrough."""
+    return (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def ops_commands(text: str) -> list[list[str]]:
