@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from bgeserve.errors import ModelLacksOutput
 from bgeserve.models.checkpoint import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, Checkpoint
@@ -14,10 +14,13 @@ from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.heads import colbert_vectors, lexical_weights, pool_dense, token_weights
 from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
 from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
+from bgeserve.runtime.int8 import quantize_encoder_int8
 
 log = logging.getLogger(__name__)
 
 COMPILE_LENGTH_BUCKET = 32
+CALIBRATION_CORPUS = Path(__file__).resolve().parent.parent / "data" / "mixed.txt"
+CALIBRATION_TEXTS = 16
 
 
 class TorchBackend:
@@ -40,10 +43,8 @@ class TorchBackend:
         self.capabilities: Capabilities = checkpoint.capabilities
         model = EmbeddingModel(checkpoint)
         if self.dtype == "int8":
-            # Dynamic int8 on the encoder layers' projections; embeddings, norms and heads stay fp32.
-            model.encoder.layers = torch.ao.quantization.quantize_dynamic(
-                model.encoder.layers, {nn.Linear}, dtype=torch.qint8
-            )
+            # The encoder layers' projections in int8; embeddings, norms and heads stay fp32.
+            quantize_encoder_int8(model, self._calibration_batches())
         model = model.to(self.device).eval()
         if self.dtype in ("fp16", "bf16"):
             model.encoder.set_compute_dtype(DTYPES[self.dtype])
@@ -56,6 +57,14 @@ class TorchBackend:
         if compile:
             self._warm_up()
         log.info("loaded %s on %s (%s%s)", checkpoint.name, self.device, self.dtype, ", compiled" if compile else "")
+
+    def _calibration_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A few lines of the packaged multilingual corpus, one text per batch (no padding rows)."""
+        lines = [line for line in CALIBRATION_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+        step = max(1, len(lines) // CALIBRATION_TEXTS)
+        texts = lines[::step][:CALIBRATION_TEXTS]
+        ids = self.checkpoint.tokenizer.encode(texts, max_length=min(128, self.checkpoint.max_length)).ids
+        return [(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)) for seq in ids]
 
     def _warm_up(self) -> None:
         for length in (8, 64):

@@ -1,0 +1,73 @@
+"""INT8 for the CPU that keeps accuracy: SmoothQuant-style channel scaling plus per-token activation scales.
+
+torch's dynamic int8 linear quantises a whole activation matrix with one scale. BERT-family activations
+have outlier tokens (the CLS row) and outlier channels, so one scale wastes most of the 8 bits: on the
+bundled MiniLM that recipe keeps a min dense cosine of only ~0.76 vs fp32. Here each linear layer
+1. divides its input channels by s_j = max|X_j|^0.5 / max|W_j|^0.5 (calibrated on a few texts) and
+   multiplies the weight columns by s_j (SmoothQuant, alpha 0.5), weights quantised per output channel;
+2. scales every token row to a max of 1 before the int8 product and back after it, so one outlier
+   token no longer flattens the others (per-token quantisation through the per-tensor kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SMOOTHING_ALPHA = 0.5
+_LINEARS = ("qkv", "attn_out", "ffn_in", "ffn_out")
+
+
+class SmoothedInt8Linear(nn.Module):
+    """y = int8_linear(x / s / r) * r + b, with r the per-row max of x / s."""
+
+    def __init__(self, linear: nn.Linear, input_max: torch.Tensor) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = (input_max.clamp(min=1e-5) ** SMOOTHING_ALPHA) / (
+            weight.abs().amax(0).clamp(min=1e-5) ** (1 - SMOOTHING_ALPHA)
+        )
+        scale = scale.clamp(min=1e-5)
+        smoothed = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            smoothed.weight.copy_(weight * scale)
+        self.quantized = torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(smoothed), {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8
+        )[0]
+        self.register_buffer("inv_scale", 1.0 / scale)
+        self.register_buffer("bias", linear.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.inv_scale
+        rows = x.abs().amax(-1, keepdim=True).clamp(min=1e-6)
+        return self.quantized(x / rows) * rows + self.bias
+
+
+@torch.inference_mode()
+def _input_maxima(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    maxima: dict[str, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.encoder.layers):
+        for name in _LINEARS:
+            key = f"{i}.{name}"
+
+            def record(_mod, inputs, _out, key=key, mask_holder=None):
+                x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0)
+                maxima[key] = torch.maximum(maxima[key], x) if key in maxima else x
+
+            hooks.append(getattr(layer, name).register_forward_hook(record))
+    try:
+        for ids, mask in batches:
+            model(ids, mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return maxima
+
+
+def quantize_encoder_int8(model: nn.Module, calibration: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Replaces every projection of the encoder layers (in place) with a SmoothedInt8Linear."""
+    maxima = _input_maxima(model, calibration)
+    for i, layer in enumerate(model.encoder.layers):
+        for name in _LINEARS:
+            setattr(layer, name, SmoothedInt8Linear(getattr(layer, name), maxima[f"{i}.{name}"]))
