@@ -51,7 +51,7 @@ def _input_maxima(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tens
         for name in _LINEARS:
             key = f"{i}.{name}"
 
-            def record(_mod, inputs, _out, key=key, mask_holder=None):
+            def record(_mod, inputs, _out, key=key):
                 x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0)
                 maxima[key] = torch.maximum(maxima[key], x) if key in maxima else x
 
