@@ -1,0 +1,79 @@
+"""GPU paths, run by scripts/gpu_check.sh on a machine with CUDA (`pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bgeserve import Embedder
+from bgeserve.models.checkpoint import load_checkpoint
+from bgeserve.runtime.backend import OutputRequest
+from bgeserve.runtime.torch_backend import TorchBackend
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+ODD = [
+    "",
+    " ",
+    "a",
+    "🚀" * 300,
+    "北京" * 400,
+    "\u200b\u200d\ufeff zero width",
+    "word " * 2000,  # past the tiny model's 512-token limit: truncated
+    "The quick brown fox jumps over the lazy dog. " * 40,
+]
+
+
+@pytest.fixture(scope="module")
+def m3(m3_checkpoint):
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    ids = ckpt.tokenizer.encode(ODD, max_length=ckpt.max_length).ids
+    exact = TorchBackend(ckpt, device="cpu", dtype="fp32").run(ids, OutputRequest(sparse=True, colbert=True))
+    return ckpt, ids, exact
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_cuda_matches_cpu_fp32_without_nan(m3, dtype):
+    ckpt, ids, exact = m3
+    out = TorchBackend(ckpt, device="cuda:0", dtype=dtype).run(ids, OutputRequest(sparse=True, colbert=True))
+    floor = 0.99999 if dtype == "fp32" else 0.9999
+    for a, b in zip(exact, out, strict=True):
+        assert np.isfinite(b.dense).all() and np.isfinite(b.colbert).all()
+        assert float(a.dense @ b.dense) >= floor
+        assert all(np.isfinite(v) for v in b.lexical_weights.values())
+
+
+def test_auto_dtype_is_fp16_on_cuda(m3_checkpoint):
+    model = Embedder(str(m3_checkpoint), device="cuda")
+    assert model.device == "cuda:0" and model.dtype == "fp16"
+
+
+def test_replicas_on_every_visible_gpu(m3_checkpoint):
+    import asyncio
+
+    from bgeserve.engine.engine import EmbeddingEngine
+    from bgeserve.runtime.devices import resolve_devices
+
+    devices = resolve_devices("auto")
+    assert devices == [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    engine = EmbeddingEngine.from_checkpoint(ckpt, devices, dtype="fp16")
+    assert engine.devices and all(d.startswith("cuda") for d in engine.devices)
+    reference = Embedder(str(m3_checkpoint), device="cpu", dtype="fp32")
+    texts = [f"text number {i} " * (1 + i % 7) for i in range(64)]
+    expected = reference.encode(texts)["dense_vecs"]
+
+    async def run():
+        engine.start()
+        try:
+            results = await asyncio.gather(*(engine.encode([t], OutputRequest()) for t in texts))
+        finally:
+            await engine.stop()
+        return np.stack([r.outputs[0].dense for r in results])
+
+    got = asyncio.run(run())
+    assert (got * expected).sum(1).min() >= 0.9999
