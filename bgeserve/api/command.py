@@ -48,8 +48,6 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         checkpoint = load_checkpoint(settings.model)
-        if settings.model is None:
-            log.info("no --model given: serving the bundled %s", checkpoint.name)
         devices = resolve_devices(settings.devices)
         engine = EmbeddingEngine.from_checkpoint(
             checkpoint,
