@@ -5,6 +5,8 @@ Every comparison is max abs difference <= 1e-5, on both weight layouts (.bin and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -23,7 +25,9 @@ TEXTS = [
     "مرحبا بالعالم، هذا نص عربي للاختبار",
     "🚀🔥 emoji only 😀😀😀",
     "",
+    "literal specials <s> </s> <pad> <unk> <mask> inside a text",
 ]
+CORPUS_FILE = Path(__file__).resolve().parents[1] / "bgeserve" / "data" / "mixed.txt"
 
 
 @pytest.fixture(scope="module", params=["m3_checkpoint", "m3_checkpoint_safetensors"])
@@ -59,6 +63,16 @@ def test_batch_of_mixed_texts(pair):
     for x, y in zip(a["colbert_vecs"], b["colbert_vecs"], strict=True):
         assert x.shape == y.shape
         assert np.abs(x - y).max() <= TOL
+
+
+def test_whole_multilingual_corpus(pair):
+    ours, flag = pair
+    corpus = CORPUS_FILE.read_text(encoding="utf-8").splitlines()
+    a, b = _encode_both(ours, flag, corpus, batch_size=32)
+    assert np.abs(a["dense_vecs"] - b["dense_vecs"]).max() <= TOL
+    for x, y in zip(a["lexical_weights"], b["lexical_weights"], strict=True):
+        _assert_lexical_equal(x, y)
+    assert max(np.abs(x - y).max() for x, y in zip(a["colbert_vecs"], b["colbert_vecs"], strict=True)) <= TOL
 
 
 def test_long_text_is_truncated_like_flagembedding(pair):

@@ -34,19 +34,19 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.cfg.uses_roberta_positions:
-            # XLM-R: real tokens are numbered pad_id+1, pad_id+2, ...; padding keeps pad_id.
-            mask = attention_mask.to(torch.long)
-            positions = torch.cumsum(mask, dim=1) * mask + self.cfg.pad_token_id
+            # XLM-R numbers tokens pad_id+1, pad_id+2, ... and gives every pad-id token pad_id. Like
+            # transformers (and so FlagEmbedding) this looks at the ids, not the mask: a literal "<pad>"
+            # inside a text also keeps pad_id and does not advance the count.
+            not_pad = (input_ids != self.cfg.pad_token_id).to(torch.long)
+            positions = torch.cumsum(not_pad, dim=1) * not_pad + self.cfg.pad_token_id
         else:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        hidden = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(positions)
-            # Single-segment inputs: token type 0 everywhere.
-            + self.token_type_embeddings.weight[0]
-        )
+        # Single-segment inputs: token type 0 everywhere. Summed in transformers' order (word + type +
+        # position) so that fp32 results agree to the last bits.
+        hidden = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+        hidden = hidden + self.position_embeddings(positions)
         return self.LayerNorm(hidden)
 
 
@@ -98,7 +98,7 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.embeddings(input_ids, attention_mask)
+        hidden = self.embeddings(input_ids)
         # Boolean key mask broadcast over heads and queries: True = attend.
         attn_mask = attention_mask.to(torch.bool)[:, None, None, :]
         for layer in self.layers:

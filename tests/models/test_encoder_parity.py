@@ -16,6 +16,7 @@ TEXTS = [
     "مرحبا بالعالم، هذا نص عربي قصير.",
     "emoji 🚀🔥 and    odd   spacing\tand tabs",
     "repeat repeat repeat repeat repeat repeat",
+    "literal specials <s> <pad> </s> [PAD] [CLS] in text",
 ]
 
 
