@@ -26,7 +26,8 @@ class EmbeddingModel(nn.Module):
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__()
-        self.encoder = TransformerEncoder(checkpoint.config)
+        with torch.device("meta"):
+            self.encoder = TransformerEncoder(checkpoint.config)
         self.encoder.load_hf_state_dict(checkpoint.load_weights())
         self.sparse_linear = (
             _linear_from_state(checkpoint.load_head(checkpoint.sparse_head), checkpoint.sparse_head.name)
