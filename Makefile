@@ -32,8 +32,13 @@ test: dev
 lint: dev
 	$(VENV)/bin/ruff check bgeserve tests scripts
 
+# Short: 16 texts of the corpus, our configs, transformers fp32 as the peer (BENCHMARKS.md has timings).
+# More: make bench BENCH_ARGS="--compare flagembedding,transformers,onnxruntime --json out.json --plot out.png"
+BENCH_ARGS ?=
 bench: dev
-	$(VENV)/bin/bgeserve bench --synthetic full --corpus bgeserve/data/mixed.txt
+	$(VENV)/bin/bgeserve bench --synthetic full --corpus bgeserve/data/mixed.txt \
+		--configs cpu-fp32-t1,cpu-fp32,cpu-bf16,cpu-int8,onnx-fp32,onnx-int8,cuda-fp16,cuda-bf16 \
+		--compare transformers-fp32 --limit 16 --batch 4 --repeats 2 --query-runs 5 --batch-runs 2 $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

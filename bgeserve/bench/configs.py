@@ -1,0 +1,171 @@
+"""Benchmark config names (`cpu-fp32-t1`, `cuda-fp16`, `transformers-int8`, ...) and why one cannot run.
+
+A name is `KIND-DTYPE[-tN]`. KIND `cpu`/`cuda` is bgeserve's torch backend, `onnx` bgeserve's ONNX
+backend; `flagembedding`, `transformers` and `onnxruntime` are the peers run for comparison.
+`-tN` runs with N intra-op threads (torch or onnxruntime); without it, the library's default.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass, field
+
+OURS = ("cpu", "cuda", "onnx")
+PEERS = ("flagembedding", "transformers", "onnxruntime")
+# Precisions each kind offers, in the order `--compare KIND` expands them.
+DTYPES: dict[str, tuple[str, ...]] = {
+    "cpu": ("fp32", "bf16", "int8"),
+    "cuda": ("fp16", "bf16", "fp32"),
+    "onnx": ("fp32", "int8"),
+    "flagembedding": ("fp32", "fp16"),
+    "transformers": ("fp32", "bf16", "int8"),
+    "onnxruntime": ("fp32", "int8"),
+}
+# The Python package each peer needs.
+PEER_PACKAGES = {
+    "flagembedding": "FlagEmbedding",
+    "transformers": "transformers",
+    "onnxruntime": "onnxruntime",
+}
+DEFAULT_CONFIGS = "cpu-fp32-t1,cpu-fp32,cpu-bf16,cpu-int8,onnx-fp32,onnx-int8,cuda-fp16,cuda-bf16"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row of the benchmark: who runs the model, at which precision, on how many threads."""
+
+    kind: str
+    dtype: str
+    threads: int | None = None
+
+    @property
+    def name(self) -> str:
+        suffix = f"-t{self.threads}" if self.threads else ""
+        return f"{self.kind}-{self.dtype}{suffix}"
+
+    @property
+    def is_peer(self) -> bool:
+        return self.kind in PEERS
+
+    @property
+    def device(self) -> str:
+        """Where the model runs: only `cuda-*` and FlagEmbedding fp16 use the GPU."""
+        on_gpu = self.kind == "cuda" or (self.kind == "flagembedding" and self.dtype == "fp16")
+        return "cuda:0" if on_gpu else "cpu"
+
+
+def parse_config(name: str) -> BenchConfig:
+    """`cpu-fp32-t1` -> BenchConfig("cpu", "fp32", 1); ValueError with the accepted names otherwise."""
+    parts = name.strip().lower().split("-")
+    threads = None
+    if len(parts) == 3 and parts[2].startswith("t"):
+        try:
+            threads = int(parts[2][1:])
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f"bad thread suffix in config {name!r}: use -tN with N >= 1 (e.g. cpu-fp32-t1)")
+        parts = parts[:2]
+    if len(parts) != 2 or parts[0] not in DTYPES or parts[1] not in DTYPES[parts[0]]:
+        raise ValueError(f"unknown config {name!r}; a config is KIND-DTYPE[-tN], one of: {known_names()}")
+    return BenchConfig(parts[0], parts[1], threads)
+
+
+def known_names() -> str:
+    """Every KIND-DTYPE pair, for error messages."""
+    return ", ".join(f"{kind}-{dtype}" for kind, dtypes in DTYPES.items() for dtype in dtypes)
+
+
+def parse_config_list(spec: str) -> list[BenchConfig]:
+    """A comma list of config names, duplicates removed (order kept)."""
+    configs: list[BenchConfig] = []
+    for part in spec.split(","):
+        if part.strip():
+            config = parse_config(part)
+            if config not in configs:
+                configs.append(config)
+    if not configs:
+        raise ValueError("no configs given")
+    return configs
+
+
+def parse_compare(spec: str) -> list[BenchConfig]:
+    """`flagembedding,transformers,onnxruntime` -> every precision of each peer; full names pass through."""
+    configs: list[BenchConfig] = []
+    for part in (p.strip().lower() for p in spec.split(",")):
+        if not part:
+            continue
+        if part in PEERS:
+            expanded = [BenchConfig(part, dtype) for dtype in DTYPES[part]]
+        else:
+            config = parse_config(part)
+            if not config.is_peer:
+                raise ValueError(f"--compare takes peers ({', '.join(PEERS)}), not {part!r}; use --configs")
+            expanded = [config]
+        configs += [c for c in expanded if c not in configs]
+    return configs
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """What this machine and Python environment can run; probed once, passed down (tests build their own)."""
+
+    cuda: bool = False
+    cuda_bf16: bool = False
+    cpu_bf16: bool = False
+    onnx_backend: bool = False
+    packages: frozenset[str] = field(default_factory=frozenset)
+
+
+def probe_machine() -> MachineFacts:
+    """Looks at torch, the CPU and the installed packages."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    try:
+        # oneDNN's own test for native bf16 (AVX512-BF16 or AMX); without it bf16 matmuls are emulated.
+        cpu_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        cpu_bf16 = False
+    packages = frozenset(p for p in PEER_PACKAGES.values() if importlib.util.find_spec(p) is not None)
+    return MachineFacts(
+        cuda=cuda,
+        cuda_bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        cpu_bf16=cpu_bf16,
+        onnx_backend=onnx_backend_available(),
+        packages=packages,
+    )
+
+
+def onnx_backend_available() -> bool:
+    """True once bgeserve has an ONNX backend that Embedder can select (`backend="onnx"`)."""
+    if importlib.util.find_spec("bgeserve.runtime.onnx_backend") is None:
+        return False
+    from bgeserve.embedder import Embedder
+
+    # Embedder swallows unknown keywords, so without this check onnx rows would silently run torch.
+    return "backend" in inspect.signature(Embedder).parameters
+
+
+def skip_reason(
+    config: BenchConfig, facts: MachineFacts, outputs: str = "dense", allow_emulated_bf16: bool = False
+) -> str | None:
+    """Why `config` cannot run here, or None when it can."""
+    if config.kind == "onnx" and not facts.onnx_backend:
+        return "ONNX backend not available"
+    if config.is_peer:
+        package = PEER_PACKAGES[config.kind]
+        if package not in facts.packages:
+            return f"{package} is not installed (pip install {package})"
+        if outputs == "all" and config.kind != "flagembedding":
+            return "this peer computes dense vectors only (no sparse or ColBERT heads)"
+    if config.device.startswith("cuda"):
+        if not facts.cuda:
+            return "no CUDA device visible to torch"
+        if config.dtype == "bf16" and not facts.cuda_bf16:
+            return "this GPU has no bf16 support"
+    elif config.dtype == "bf16" and not facts.cpu_bf16 and not allow_emulated_bf16:
+        return ("this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would be emulated "
+                "and slower than fp32; --allow-emulated-bf16 measures it anyway")
+    return None

@@ -1,0 +1,127 @@
+"""The timing protocol every row goes through, ours and peers alike: warm-up, repeats, medians, memory."""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# encode(texts) -> dense vectors [len(texts), hidden], float32, L2-normalised, in input order.
+EncodeFn = Callable[[list[str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """How many times each measurement runs (after one untimed warm-up of each kind)."""
+
+    repeats: int = 3  # passes over the whole corpus; texts/s comes from the median pass
+    query_runs: int = 10  # single short query
+    batch_runs: int = 3  # one request-sized batch
+    warmup: bool = True
+
+
+@dataclass
+class Measurement:
+    """Raw samples of one row; the report derives rates and percentiles from them."""
+
+    corpus_seconds: list[float] = field(default_factory=list)
+    query_ms: list[float] = field(default_factory=list)
+    batch_ms: list[float] = field(default_factory=list)
+    load_seconds: float = 0.0
+    peak_memory_bytes: int | None = None
+    memory_kind: str = "rss"  # "rss": process resident memory above its level before loading; "cuda"
+    dense: np.ndarray | None = None
+
+
+def run_protocol(
+    encode: EncodeFn,
+    texts: list[str],
+    query: str,
+    batch: list[str],
+    options: MeasureOptions,
+) -> Measurement:
+    """Times `encode` on the corpus, the query and the batch; keeps the corpus vectors for fidelity."""
+    result = Measurement()
+    if options.warmup:
+        # First calls pay for lazy initialisation (kernels, thread pools, allocator growth).
+        encode([query])
+        encode(batch)
+    for _ in range(options.query_runs):
+        result.query_ms.append(_timed(encode, [query]) * 1000.0)
+    for _ in range(options.batch_runs):
+        result.batch_ms.append(_timed(encode, batch) * 1000.0)
+    for _ in range(max(1, options.repeats)):
+        start = time.perf_counter()
+        dense = encode(texts)
+        result.corpus_seconds.append(time.perf_counter() - start)
+    result.dense = np.asarray(dense, dtype=np.float32)
+    return result
+
+
+def _timed(encode: EncodeFn, texts: list[str]) -> float:
+    start = time.perf_counter()
+    encode(texts)
+    return time.perf_counter() - start
+
+
+class PeakMemory:
+    """Peak memory while a row loads and runs, above the level at `start()`.
+
+    On CPU it samples the process's resident set every few milliseconds (a thread reading
+    /proc/self/statm; torch and onnxruntime release the GIL while they compute). On CUDA it uses
+    torch.cuda.max_memory_allocated, which counts tensors only, not the CUDA context.
+    """
+
+    def __init__(self, device: str = "cpu", interval_s: float = 0.005) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self._base = 0
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cuda" if self.device.startswith("cuda") else "rss"
+
+    def start(self) -> None:
+        if self.kind == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return
+        self._base = self._peak = current_rss_bytes()
+        self._thread = threading.Thread(target=self._sample, name="bench-rss", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        """Stops sampling; returns the peak in bytes above the starting level."""
+        if self.kind == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._peak = max(self._peak, current_rss_bytes())
+        return max(0, self._peak - self._base)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, current_rss_bytes())
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; elsewhere the lifetime peak, a weaker stand-in)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,278 @@
+"""The in-process benchmark: every config and peer on the same texts, then rates, ratios and fidelity."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bgeserve.bench.configs import OURS, BenchConfig, MachineFacts, skip_reason
+from bgeserve.bench.job import Job, JobOutcome, execute, execute_isolated
+from bgeserve.bench.measure import MeasureOptions
+from bgeserve.bench.runners import RunSettings
+from bgeserve.bench.stats import LatencySummary, median, summarize
+
+REFERENCE_CONFIG = BenchConfig("cpu", "fp32")
+
+
+@dataclass
+class Corpus:
+    """The texts every row encodes, with their token counts under the model's tokenizer."""
+
+    source: str
+    texts: list[str]
+    token_counts: list[int]
+    query: str
+    query_tokens: int
+    batch: list[str]
+    batch_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
+
+    def describe(self) -> dict:
+        """JSON-ready summary (the texts themselves are left out)."""
+        n = len(self.texts)
+        return {
+            "source": self.source,
+            "texts": n,
+            "tokens": self.total_tokens,
+            "mean_tokens": self.total_tokens / n if n else 0.0,
+            "median_tokens": median(self.token_counts) if n else 0.0,
+            "max_tokens": max(self.token_counts, default=0),
+            "query": self.query,
+            "query_tokens": self.query_tokens,
+            "batch_texts": len(self.batch),
+            "batch_tokens": self.batch_tokens,
+        }
+
+
+def build_corpus(
+    source: str,
+    lines: list[str],
+    count_tokens: Callable[[list[str]], list[int]],
+    limit: int | None = None,
+    batch_size: int = 32,
+    query: str | None = None,
+) -> Corpus:
+    """Picks the texts (`limit` of them spread evenly over the file), the short query and the batch.
+
+    The default query is the text whose length is closest to 12 tokens, a typical search query.
+    """
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise ValueError(f"corpus {source} has no non-empty lines")
+    texts = spread(texts, limit) if limit else texts
+    counts = count_tokens(texts)
+    if query is None:
+        query = texts[min(range(len(texts)), key=lambda i: abs(counts[i] - 12))]
+    batch = spread(texts, batch_size)
+    return Corpus(source, texts, counts, query, count_tokens([query])[0], batch, sum(count_tokens(batch)))
+
+
+def spread(items: list[str], n: int) -> list[str]:
+    """`n` items taken at even steps over the list (all of them when n >= len)."""
+    if n >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    config: BenchConfig
+    status: str  # ok, skipped, failed
+    reason: str | None = None
+    texts_per_s: float | None = None
+    tokens_per_s: float | None = None
+    corpus_seconds: list[float] = field(default_factory=list)
+    query_ms: LatencySummary | None = None
+    batch_ms: LatencySummary | None = None
+    peak_memory_mb: float | None = None
+    memory_kind: str | None = None
+    load_seconds: float | None = None
+    wall_seconds: float | None = None  # the whole row: process start, load, warm-up and every timed call
+    speedup: float | None = None
+    fidelity: dict[str, float] | None = None
+    notes: list[str] = field(default_factory=list)
+    dense: np.ndarray | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def as_dict(self) -> dict:
+        """JSON-ready form (vectors left out)."""
+        return {
+            "config": self.name,
+            "kind": self.config.kind,
+            "peer": self.config.is_peer,
+            "device": self.config.device,
+            "dtype": self.config.dtype,
+            "threads": self.config.threads,
+            "status": self.status,
+            "reason": self.reason,
+            "texts_per_s": self.texts_per_s,
+            "tokens_per_s": self.tokens_per_s,
+            "corpus_seconds": self.corpus_seconds,
+            "query_latency_ms": self.query_ms.as_dict() if self.query_ms else None,
+            "batch_latency_ms": self.batch_ms.as_dict() if self.batch_ms else None,
+            "peak_memory_mb": self.peak_memory_mb,
+            "memory_kind": self.memory_kind,
+            "load_seconds": self.load_seconds,
+            "wall_seconds": self.wall_seconds,
+            "speedup": self.speedup,
+            "fidelity": self.fidelity,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class OfflinePlan:
+    """What to run and how."""
+
+    configs: list[BenchConfig]
+    settings: RunSettings
+    options: MeasureOptions
+    corpus: Corpus
+    baseline: BenchConfig | None = None
+    isolate: bool = True  # a fresh process per row
+    allow_emulated_bf16: bool = False
+    timeout_s: float | None = None
+
+
+@dataclass
+class OfflineReport:
+    """The rows plus what is needed to read them."""
+
+    rows: list[Row]
+    corpus: Corpus
+    baseline: str | None
+    reference: str | None
+    settings: RunSettings
+    options: MeasureOptions
+    isolated: bool = True
+
+
+def run_offline(
+    plan: OfflinePlan, facts: MachineFacts, progress: Callable[[str], None] = lambda _msg: None
+) -> OfflineReport:
+    """Runs every row one after the other (the previous one freed), then fills ratios and fidelity."""
+    rows: list[Row] = []
+    for number, config in enumerate(plan.configs, 1):
+        reason = skip_reason(config, facts, plan.settings.outputs, plan.allow_emulated_bf16)
+        if reason:
+            progress(f"[{number}/{len(plan.configs)}] {config.name}: skipped ({reason})")
+            rows.append(Row(config, "skipped", reason))
+            continue
+        progress(f"[{number}/{len(plan.configs)}] {config.name}: running")
+        started = time.perf_counter()
+        row = _row(config, _run(plan, config, plan.options), plan.corpus)
+        row.wall_seconds = time.perf_counter() - started
+        rows.append(row)
+        progress(f"[{number}/{len(plan.configs)}] {config.name}: " + (
+            f"{row.texts_per_s:.2f} texts/s" if row.status == "ok" else f"{row.status} ({row.reason})"))
+
+    reference = _reference_vectors(plan, rows, progress)
+    for row in rows:
+        if row.status == "ok" and reference is not None:
+            row.fidelity = fidelity(row.dense, reference[1])
+    if reference is not None:
+        for row in rows:
+            if row.name == reference[0]:
+                row.notes.append("fidelity reference")
+    baseline = plan.baseline or next((r.config for r in rows if r.status == "ok"), None)
+    _fill_speedups(rows, baseline)
+    return OfflineReport(
+        rows=rows,
+        corpus=plan.corpus,
+        baseline=baseline.name if baseline else None,
+        reference=reference[0] if reference else None,
+        settings=plan.settings,
+        options=plan.options,
+        isolated=plan.isolate,
+    )
+
+
+def _run(plan: OfflinePlan, config: BenchConfig, options: MeasureOptions) -> JobOutcome:
+    job = Job(config.name, plan.settings, options, plan.corpus.texts, plan.corpus.query, plan.corpus.batch)
+    return execute_isolated(job, plan.timeout_s) if plan.isolate else execute(job)
+
+
+def _row(config: BenchConfig, outcome: JobOutcome, corpus: Corpus) -> Row:
+    row = Row(config, outcome.status, outcome.reason)
+    m = outcome.measurement
+    if outcome.status != "ok" or m is None:
+        return row
+    seconds = median(m.corpus_seconds)
+    row.texts_per_s = len(corpus.texts) / seconds
+    row.tokens_per_s = corpus.total_tokens / seconds
+    row.corpus_seconds = m.corpus_seconds
+    row.query_ms = summarize(m.query_ms)
+    row.batch_ms = summarize(m.batch_ms)
+    if m.peak_memory_bytes is not None:
+        row.peak_memory_mb = m.peak_memory_bytes / 2**20
+    row.memory_kind = m.memory_kind
+    row.load_seconds = m.load_seconds
+    row.dense = m.dense
+    return row
+
+
+def _reference_vectors(
+    plan: OfflinePlan, rows: list[Row], progress: Callable[[str], None]
+) -> tuple[str, np.ndarray] | None:
+    """Our fp32 vectors of the corpus: from an fp32 row of the run, else from one extra untimed pass."""
+    for row in rows:
+        if row.status == "ok" and row.config.kind in OURS and row.config.dtype == "fp32":
+            return row.name, row.dense
+    if not any(r.status == "ok" for r in rows):
+        return None
+    progress(f"{REFERENCE_CONFIG.name}: untimed reference pass for the fidelity column")
+    untimed = MeasureOptions(repeats=1, query_runs=0, batch_runs=0, warmup=False)
+    outcome = _run(plan, REFERENCE_CONFIG, untimed)
+    if outcome.status != "ok" or outcome.measurement is None:
+        return None
+    return f"{REFERENCE_CONFIG.name} (untimed)", outcome.measurement.dense
+
+
+def fidelity(dense: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How close a row's dense vectors are to our fp32 ones, text by text.
+
+    `min_cosine_centred` subtracts the reference's mean vector from both first: on random weights every
+    text's vector leans toward one common direction, which makes plain cosine look better than it is.
+    """
+    a = np.asarray(dense, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"vectors of shape {a.shape} cannot be compared with the reference's {b.shape}")
+    cos = _cosines(a, b)
+    mean = b.mean(axis=0, keepdims=True)
+    centred = _cosines(a - mean, b - mean)
+    return {
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "min_cosine_centred": float(centred.min()),
+    }
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return (a * b).sum(axis=1) / norms
+
+
+def _fill_speedups(rows: list[Row], baseline: BenchConfig | None) -> None:
+    base = next((r for r in rows if baseline is not None and r.config == baseline), None)
+    if base is None:
+        return
+    if base.status != "ok" or not base.texts_per_s:
+        base.notes.append(f"baseline ({base.status}): no speed-ups")
+        return
+    base.notes.append("baseline")
+    for row in rows:
+        if row.status == "ok" and row.texts_per_s:
+            row.speedup = row.texts_per_s / base.texts_per_s

@@ -1,0 +1,244 @@
+"""Loads one benchmark row's model and returns its `encode(texts) -> dense` function.
+
+bgeserve's rows go through `Embedder`; the peers are written the way their users write them
+(FlagEmbedding's BGEM3FlagModel; transformers AutoModel with CLS pooling over length-sorted batches;
+onnxruntime on a plain `torch.onnx.export` of that AutoModel), so a ratio in the table compares
+bgeserve against what people run today.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bgeserve.bench.configs import BenchConfig
+from bgeserve.bench.measure import EncodeFn
+
+log = logging.getLogger(__name__)
+
+
+class ConfigUnavailable(Exception):
+    """A row that cannot run here for a reason found only on trying (e.g. the ONNX export fails)."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every row shares: the model, the token limit, batch sizes, outputs, thread default, caches."""
+
+    model_path: str
+    max_length: int = 512
+    batch_size: int = 32
+    flag_batch_size: int = 32
+    outputs: str = "dense"  # "dense" or "all" (dense + sparse + ColBERT)
+    default_threads: int = 1  # torch's thread count at start-up; rows without -tN run on this many
+    cache_dir: str | None = None  # where ONNX exports of the peer are kept between runs
+
+
+def open_encoder(config: BenchConfig, settings: RunSettings) -> EncodeFn:
+    """Loads `config`'s model with its thread setting and returns its encode function."""
+    threads = config.threads or settings.default_threads
+    if config.kind in ("cpu", "cuda", "onnx"):
+        return _ours(config, settings, threads)
+    import torch
+
+    # torch's thread count is process-wide: set it for every torch row, not only those with -tN.
+    torch.set_num_threads(threads)
+    openers: dict[str, Callable[[BenchConfig, RunSettings, int], EncodeFn]] = {
+        "flagembedding": _flagembedding,
+        "transformers": _transformers,
+        "onnxruntime": _onnxruntime,
+    }
+    return openers[config.kind](config, settings, threads)
+
+
+def _ours(config: BenchConfig, settings: RunSettings, threads: int) -> EncodeFn:
+    from bgeserve.embedder import Embedder
+
+    extra = {"backend": "onnx"} if config.kind == "onnx" else {}
+    embedder = Embedder(
+        settings.model_path,
+        device=config.device,
+        dtype=config.dtype,
+        max_length=settings.max_length,
+        batch_size=settings.batch_size,
+        threads=threads,
+        **extra,
+    )
+    every = settings.outputs == "all"
+
+    def encode(texts: list[str]) -> np.ndarray:
+        out = embedder.encode(texts, return_dense=True, return_sparse=every, return_colbert_vecs=every)
+        return out["dense_vecs"]
+
+    return encode
+
+
+def _flagembedding(config: BenchConfig, settings: RunSettings, threads: int) -> EncodeFn:
+    from FlagEmbedding import BGEM3FlagModel
+
+    model = BGEM3FlagModel(
+        settings.model_path,
+        use_fp16=config.dtype == "fp16",
+        devices=config.device,
+        query_max_length=settings.max_length,
+        passage_max_length=settings.max_length,
+    )
+    every = settings.outputs == "all"
+
+    def encode(texts: list[str]) -> np.ndarray:
+        out = model.encode(
+            texts,
+            batch_size=settings.flag_batch_size,
+            max_length=settings.max_length,
+            return_dense=True,
+            return_sparse=every,
+            return_colbert_vecs=every,
+        )
+        return np.asarray(out["dense_vecs"], dtype=np.float32)
+
+    return encode
+
+
+def _sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices longest first, cut into batches: the padding-saving order FlagEmbedding also uses."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _cls_normalized(hidden: np.ndarray) -> np.ndarray:
+    cls = hidden[:, 0].astype(np.float32)
+    return cls / np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-12)
+
+
+def _transformers(config: BenchConfig, settings: RunSettings, threads: int) -> EncodeFn:
+    import contextlib
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+    model = AutoModel.from_pretrained(settings.model_path, attn_implementation="sdpa", dtype=torch.float32)
+    model.eval()
+    if config.dtype == "int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+    def precision() -> contextlib.AbstractContextManager:
+        if config.dtype == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode(texts: list[str]) -> np.ndarray:
+        ids = tokenizer(texts, truncation=True, max_length=settings.max_length)["input_ids"]
+        lengths = [len(x) for x in ids]
+        out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+        for batch in _sorted_batches(lengths, settings.batch_size):
+            inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+                               max_length=settings.max_length, return_tensors="pt")
+            with torch.inference_mode(), precision():
+                hidden = model(**inputs).last_hidden_state
+            out[batch] = _cls_normalized(hidden.float().numpy())
+        return out
+
+    return encode
+
+
+def _onnxruntime(config: BenchConfig, settings: RunSettings, threads: int) -> EncodeFn:
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    model_file = _onnx_export(settings, quantized=config.dtype == "int8")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    input_names = {i.name for i in session.get_inputs()}
+    tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+    hidden_size = session.get_outputs()[0].shape[-1]
+
+    def encode(texts: list[str]) -> np.ndarray:
+        ids = tokenizer(texts, truncation=True, max_length=settings.max_length)["input_ids"]
+        lengths = [len(x) for x in ids]
+        out = np.zeros((len(texts), hidden_size), dtype=np.float32)
+        for batch in _sorted_batches(lengths, settings.batch_size):
+            inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+                               max_length=settings.max_length, return_tensors="np")
+            feed = {k: v.astype(np.int64) for k, v in inputs.items() if k in input_names}
+            (hidden,) = session.run(["last_hidden_state"], feed)
+            out[batch] = _cls_normalized(hidden)
+        return out
+
+    return encode
+
+
+def _onnx_export(settings: RunSettings, quantized: bool) -> Path:
+    """A plain `torch.onnx.export` of AutoModel (and its dynamic int8 quantisation), cached by model file."""
+    import torch
+    import transformers
+
+    model_dir = Path(settings.model_path)
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".bin", ".safetensors"))
+    key_parts = [str(model_dir.resolve()), torch.__version__, transformers.__version__]
+    key_parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in weights]
+    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:16]
+    base = Path(settings.cache_dir) if settings.cache_dir else model_dir / ".bench-cache"
+    folder = base / "onnx-peer" / key
+    fp32_file, int8_file = folder / "model.onnx", folder / "model.int8.onnx"
+    if not (folder / "fp32.complete").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        _export_fp32(model_dir, fp32_file)
+        (folder / "fp32.complete").touch()
+    if not quantized:
+        return fp32_file
+    if not (folder / "int8.complete").exists():
+        try:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(fp32_file), str(int8_file), weight_type=QuantType.QInt8,
+                             use_external_data_format=True)
+        except Exception as exc:  # noqa: BLE001 - any failure of the peer's tool is a reason to skip it
+            reason = f"onnxruntime int8 quantization failed: {type(exc).__name__}: {exc}"
+            raise ConfigUnavailable(reason) from exc
+        (folder / "int8.complete").touch()
+    return int8_file
+
+
+def _export_fp32(model_dir: Path, out_file: Path) -> None:
+    import torch
+    from transformers import AutoModel
+
+    log.info("exporting %s to ONNX (one time) into %s", model_dir, out_file.parent)
+    class LastHiddenState(torch.nn.Module):
+        # Keyword call: AutoModel's positional order differs between transformers versions.
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    model = LastHiddenState(
+        AutoModel.from_pretrained(str(model_dir), attn_implementation="eager", dtype=torch.float32)
+    ).eval()
+    ids = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]], dtype=torch.long)
+    mask = (ids != 1).long()
+    axes = {0: "batch", 1: "sequence"}
+    try:
+        with torch.inference_mode():
+            torch.onnx.export(
+                model,
+                (ids, mask),
+                str(out_file),
+                input_names=["input_ids", "attention_mask"],
+                output_names=["last_hidden_state"],
+                dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+                opset_version=17,
+                dynamo=False,
+            )
+    except Exception as exc:  # noqa: BLE001 - the peer is "a plain export": if that fails, it has no row
+        reason = f"torch.onnx.export of AutoModel failed: {type(exc).__name__}: {exc}"
+        raise ConfigUnavailable(reason) from exc

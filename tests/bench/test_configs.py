@@ -1,0 +1,75 @@
+"""Config names and the reasons a config is skipped: nothing is silently dropped."""
+
+from __future__ import annotations
+
+import pytest
+
+from bgeserve.bench.configs import (
+    BenchConfig,
+    MachineFacts,
+    parse_compare,
+    parse_config,
+    parse_config_list,
+    skip_reason,
+)
+
+ALL_PEERS = frozenset({"FlagEmbedding", "transformers", "onnxruntime"})
+
+
+def test_parse_names_and_threads():
+    assert parse_config("cpu-fp32-t1") == BenchConfig("cpu", "fp32", 1)
+    assert parse_config(" CUDA-FP16 ") == BenchConfig("cuda", "fp16", None)
+    assert parse_config("transformers-int8-t2").name == "transformers-int8-t2"
+    assert parse_config("cuda-bf16").device == "cuda:0"
+    assert parse_config("flagembedding-fp16").device == "cuda:0"
+    assert parse_config("onnxruntime-int8").device == "cpu"
+
+
+@pytest.mark.parametrize("bad", ["cpu-fp16", "gpu-fp32", "cpu", "cpu-fp32-t0", "cpu-fp32-tx", "cpu-fp32-x1"])
+def test_bad_names_say_what_is_accepted(bad):
+    with pytest.raises(ValueError, match="cpu-fp32-t1|cpu-fp32"):
+        parse_config(bad)
+
+
+def test_lists_keep_order_and_drop_duplicates():
+    names = [c.name for c in parse_config_list("cpu-fp32-t1,cpu-int8,,cpu-fp32-t1,cuda-fp16")]
+    assert names == ["cpu-fp32-t1", "cpu-int8", "cuda-fp16"]
+    with pytest.raises(ValueError):
+        parse_config_list(" , ")
+
+
+def test_compare_expands_each_peer_into_its_precisions():
+    names = [c.name for c in parse_compare("flagembedding,transformers,onnxruntime")]
+    assert names == ["flagembedding-fp32", "flagembedding-fp16", "transformers-fp32", "transformers-bf16",
+                     "transformers-int8", "onnxruntime-fp32", "onnxruntime-int8"]
+    assert [c.name for c in parse_compare("transformers-int8-t1")] == ["transformers-int8-t1"]
+    with pytest.raises(ValueError, match="--configs"):
+        parse_compare("cpu-fp32")
+
+
+def test_skip_reasons_on_a_cpu_only_machine_without_bf16():
+    facts = MachineFacts(cuda=False, cpu_bf16=False, onnx_backend=False, packages=ALL_PEERS)
+    assert skip_reason(parse_config("cpu-fp32"), facts) is None
+    assert skip_reason(parse_config("cpu-int8-t1"), facts) is None
+    assert "CUDA" in skip_reason(parse_config("cuda-fp16"), facts)
+    assert "CUDA" in skip_reason(parse_config("flagembedding-fp16"), facts)
+    assert skip_reason(parse_config("onnx-fp32"), facts) == "ONNX backend not available"
+    assert "bf16" in skip_reason(parse_config("cpu-bf16"), facts)
+    assert "bf16" in skip_reason(parse_config("transformers-bf16"), facts)
+    assert skip_reason(parse_config("cpu-bf16"), facts, allow_emulated_bf16=True) is None
+
+
+def test_skip_reasons_on_a_gpu_machine():
+    facts = MachineFacts(cuda=True, cuda_bf16=False, cpu_bf16=True, onnx_backend=True, packages=frozenset())
+    assert skip_reason(parse_config("cuda-fp16"), facts) is None
+    assert "bf16" in skip_reason(parse_config("cuda-bf16"), facts)
+    assert skip_reason(parse_config("cpu-bf16"), facts) is None
+    assert skip_reason(parse_config("onnx-int8"), facts) is None
+    assert "pip install FlagEmbedding" in skip_reason(parse_config("flagembedding-fp32"), facts)
+
+
+def test_dense_only_peers_are_skipped_for_all_outputs():
+    facts = MachineFacts(packages=ALL_PEERS)
+    assert "dense" in skip_reason(parse_config("transformers-fp32"), facts, outputs="all")
+    assert skip_reason(parse_config("flagembedding-fp32"), facts, outputs="all") is None
+    assert skip_reason(parse_config("cpu-fp32"), facts, outputs="all") is None

@@ -1,0 +1,184 @@
+"""`bgeserve bench` offline mode end to end on the tiny checkpoint: table, JSON, plot, ratios, fidelity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bgeserve.bench.configs import onnx_backend_available
+from bgeserve.bench.offline import build_corpus, fidelity, spread
+from bgeserve.cli import main
+
+FAST = ["--repeats", "2", "--query-runs", "3", "--batch-runs", "2", "--batch", "4"]
+
+
+def _bench(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["bench", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in stdout.splitlines():
+        if line.startswith("| ") and not line.startswith("| config"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+@pytest.fixture(scope="module")
+def inline_run(tiny_m3, bench_texts, tmp_path_factory):
+    """One inline run with ours, two peers and rows this machine cannot run."""
+    folder = tmp_path_factory.mktemp("bench-inline")
+    corpus = folder / "texts.txt"
+    corpus.write_text("\n".join(bench_texts), encoding="utf-8")
+    args = ["--model", str(tiny_m3), "--corpus", str(corpus), "--inline", *FAST,
+            "--configs", "cpu-fp32-t1,cpu-fp32,cpu-int8,onnx-fp32,cuda-fp16",
+            "--compare", "transformers-fp32,flagembedding-fp32",
+            "--json", str(folder / "out.json"), "--plot", str(folder / "out.png"),
+            "--cache-dir", str(folder / "cache")]
+    code = main(["bench", *args])
+    return code, folder
+
+
+def test_table_lists_every_config_and_peer(inline_run, capsys, tiny_m3, tmp_path):
+    # Re-run cheaply for stdout: the module fixture's output went to another test's capture.
+    corpus = tmp_path / "t.txt"
+    corpus.write_text("one short text\nanother short text here\n", encoding="utf-8")
+    code, out, err = _bench(capsys, "--model", str(tiny_m3), "--corpus", str(corpus), "--inline", *FAST,
+                            "--configs", "cpu-fp32-t1,cpu-fp32,cuda-fp16,cuda-bf16")
+    assert code == 0
+    rows = _table_rows(out)
+    assert list(rows) == ["cpu-fp32-t1", "cpu-fp32", "cuda-fp16", "cuda-bf16"]
+    assert rows["cpu-fp32-t1"][6] == "1.00x"  # the baseline divides by itself
+    assert float(rows["cpu-fp32"][1].replace(",", "")) > 0
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "skipped: no CUDA device" in rows["cuda-fp16"][-1]
+        assert rows["cuda-fp16"][1] == "—"
+    assert "2 texts" in out and "cpu-fp32-t1: running" in err
+
+
+def test_json_shape_ratios_and_fidelity(inline_run):
+    code, folder = inline_run
+    assert code == 0
+    doc = json.loads((folder / "out.json").read_text(encoding="utf-8"))
+    assert doc["mode"] == "offline" and doc["baseline"] == "cpu-fp32-t1"
+    assert doc["corpus"]["texts"] == 10 and doc["corpus"]["tokens"] > 10
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["versions"]["torch"]
+    rows = {r["config"]: r for r in doc["rows"]}
+    assert list(rows) == ["cpu-fp32-t1", "cpu-fp32", "cpu-int8", "onnx-fp32", "cuda-fp16",
+                          "transformers-fp32", "flagembedding-fp32"]
+    base = rows["cpu-fp32-t1"]
+    for name in ("cpu-fp32-t1", "cpu-fp32", "cpu-int8", "transformers-fp32", "flagembedding-fp32"):
+        row = rows[name]
+        assert row["status"] == "ok", row
+        assert row["texts_per_s"] > 0 and row["tokens_per_s"] > row["texts_per_s"]
+        # tokens/s counts real tokens: the same corpus total for every row
+        assert row["tokens_per_s"] / row["texts_per_s"] == pytest.approx(doc["corpus"]["mean_tokens"])
+        assert row["speedup"] == pytest.approx(row["texts_per_s"] / base["texts_per_s"])
+        assert row["query_latency_ms"]["n"] == 3 and row["batch_latency_ms"]["n"] == 2
+        lat = row["query_latency_ms"]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+        assert len(row["corpus_seconds"]) == 2
+        assert row["wall_seconds"] >= row["load_seconds"] + sum(row["corpus_seconds"])
+        assert row["peak_memory_mb"] is not None and row["memory_kind"] == "rss"
+    assert doc["fidelity_reference"] == "cpu-fp32-t1"
+    assert base["fidelity"]["min_cosine"] == pytest.approx(1.0) and base["fidelity"]["max_abs_diff"] == 0.0
+    # Exact peers agree with our fp32 to float rounding; int8 is close but not exact.
+    for peer in ("transformers-fp32", "flagembedding-fp32"):
+        assert rows[peer]["peer"] is True
+        assert rows[peer]["fidelity"]["max_abs_diff"] < 1e-4
+    assert 0.9 < rows["cpu-int8"]["fidelity"]["min_cosine"] < 1.0
+    if onnx_backend_available():
+        assert rows["onnx-fp32"]["status"] == "ok", rows["onnx-fp32"]
+        assert rows["onnx-fp32"]["fidelity"]["max_abs_diff"] < 1e-4
+    else:
+        assert rows["onnx-fp32"]["status"] == "skipped"
+        assert rows["onnx-fp32"]["reason"] == "ONNX backend not available"
+    assert rows["cuda-fp16"]["status"] in ("ok", "skipped")
+    assert rows["cuda-fp16"]["status"] == "ok" or rows["cuda-fp16"]["texts_per_s"] is None
+
+
+def test_plot_is_a_png(inline_run):
+    _, folder = inline_run
+    data = (folder / "out.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_a_fresh_process_per_row(tiny_m3, corpus_file, capsys, tmp_path):
+    out_json = tmp_path / "iso.json"
+    code, out, _ = _bench(capsys, "--model", str(tiny_m3), "--corpus", str(corpus_file), *FAST,
+                          "--configs", "cpu-fp32,cpu-int8-t1", "--json", str(out_json))
+    assert code == 0
+    doc = json.loads(out_json.read_text(encoding="utf-8"))
+    assert doc["protocol"]["process_per_row"] is True
+    rows = {r["config"]: r for r in doc["rows"]}
+    assert rows["cpu-fp32"]["status"] == rows["cpu-int8-t1"]["status"] == "ok"
+    assert doc["baseline"] == "cpu-fp32"  # no cpu-fp32-t1 listed: the first row that ran
+    assert rows["cpu-int8-t1"]["fidelity"]["min_cosine"] > 0.9
+    assert "one fresh process per row" in out
+
+
+def test_all_outputs_and_untimed_reference(tiny_m3, corpus_file, capsys, tmp_path):
+    """No fp32 row: fidelity still compares with our fp32, from an extra untimed pass."""
+    out_json = tmp_path / "all.json"
+    code, out, _ = _bench(capsys, "--model", str(tiny_m3), "--corpus", str(corpus_file), "--inline", *FAST,
+                          "--configs", "cpu-int8", "--outputs", "all", "--compare", "transformers-fp32",
+                          "--json", str(out_json))
+    assert code == 0
+    doc = json.loads(out_json.read_text(encoding="utf-8"))
+    assert doc["settings"]["outputs"] == "all"
+    assert doc["fidelity_reference"] == "cpu-fp32 (untimed)"
+    rows = {r["config"]: r for r in doc["rows"]}
+    assert rows["cpu-int8"]["fidelity"]["min_cosine"] > 0.9
+    assert rows["transformers-fp32"]["status"] == "skipped" and "dense" in rows["transformers-fp32"]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--configs", "cpu-fp16"], "unknown config"),
+        (["--configs", "cpu-fp32", "--baseline", "cpu-int8"], "not among the configs"),
+        (["--compare", "cpu-fp32"], "--configs"),
+        (["--limit", "0"], "--limit"),
+        (["--plot", "out.svg"], ".png"),
+        (["--duration", "5"], "HTTP mode"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(args, message, tiny_m3, corpus_file, capsys):
+    code, out, err = _bench(capsys, "--model", str(tiny_m3), "--corpus", str(corpus_file), *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err and out == ""
+
+
+def test_missing_corpus_and_model(tmp_path, capsys):
+    code, _, err = _bench(capsys, "--corpus", str(tmp_path / "nope.txt"))
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "t.txt").write_text("hello\n", encoding="utf-8")
+    code, _, err = _bench(capsys, "--model", str(tmp_path / "no-model"), "--corpus", str(tmp_path / "t.txt"))
+    assert code == 1 and "error" in err and "Traceback" not in err
+
+
+def test_fidelity_and_corpus_helpers():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(6, 8))
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    same = fidelity(ref.copy(), ref)
+    assert same["min_cosine"] == pytest.approx(1.0) and same["max_abs_diff"] == 0.0
+    flipped = ref.copy()
+    flipped[2] *= -1
+    assert fidelity(flipped, ref)["min_cosine"] == pytest.approx(-1.0)
+    with pytest.raises(ValueError):
+        fidelity(ref[:3], ref)
+    assert spread(list("abcdefgh"), 4) == ["a", "c", "e", "g"]
+    assert spread(list("abc"), 10) == ["a", "b", "c"]
+    lines = ["a b", "", "a b c d e f g h i j", "a"]
+    corpus = build_corpus("x", lines, lambda ts: [len(t.split()) + 2 for t in ts], batch_size=2)
+    assert corpus.texts == ["a b", "a b c d e f g h i j", "a"]
+    assert corpus.query == "a b c d e f g h i j"  # 12 tokens with the two specials
+    assert corpus.total_tokens == 4 + 12 + 3 and len(corpus.batch) == 2
