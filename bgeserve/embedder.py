@@ -15,7 +15,7 @@ from bgeserve.engine.batching import plan_batches
 from bgeserve.errors import InvalidInput, ModelLacksOutput
 from bgeserve.models.checkpoint import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, load_checkpoint
 from bgeserve.runtime.backend import ItemOutput, OutputRequest
-from bgeserve.runtime.devices import resolve_device, resolve_dtype
+from bgeserve.runtime.devices import resolve_device
 from bgeserve.runtime.factory import create_backend
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,11 @@ class Embedder:
         if use_fp16 is not None and dtype == "auto":
             # FlagEmbedding runs fp32 on CPU whatever use_fp16 says.
             dtype = "fp16" if use_fp16 and self.device != "cpu" else "fp32"
-        self.dtype = resolve_dtype(dtype, self.device)
+        # Each backend resolves "auto" itself (torch: fp16 on CUDA; onnx: fp32).
         self.backend = create_backend(
-            self.checkpoint, backend, device=self.device, dtype=self.dtype, threads=threads, compile=compile
+            self.checkpoint, backend, device=self.device, dtype=dtype, threads=threads, compile=compile
         )
+        self.dtype = self.backend.dtype
         self.max_length = min(max_length or self.checkpoint.max_length, self.checkpoint.max_length)
         self.query_max_length = query_max_length or self.max_length
         self.passage_max_length = passage_max_length or self.max_length

@@ -31,7 +31,6 @@ def build_backends(
 
     On the CPU, `threads` is per replica; by default the cores are split evenly between replicas.
     """
-    from bgeserve.runtime.devices import resolve_dtype
     from bgeserve.runtime.factory import create_backend
 
     backends: list[Backend] = []
@@ -42,10 +41,9 @@ def build_backends(
         if on_cpu and not per_replica:
             per_replica = max(1, (os.cpu_count() or 1) // count)
         for _ in range(count):
-            precision = resolve_dtype(dtype, device)
             backends.append(
                 create_backend(
-                    checkpoint, backend, device=device, dtype=precision, threads=per_replica, compile=compile
+                    checkpoint, backend, device=device, dtype=dtype, threads=per_replica, compile=compile
                 )
             )
     return backends

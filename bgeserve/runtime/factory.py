@@ -12,11 +12,11 @@ def create_backend(
     checkpoint: Checkpoint,
     backend: str = "torch",
     device: str = "cpu",
-    dtype: str = "fp32",
+    dtype: str = "auto",
     threads: int | None = None,
     compile: bool = False,
 ) -> Backend:
-    """One model replica on one device. `device` and `dtype` must already be resolved names."""
+    """One model replica on one device; the backend resolves `dtype` ("auto" included) for its device."""
     if backend == "torch":
         from bgeserve.runtime.torch_backend import TorchBackend
 

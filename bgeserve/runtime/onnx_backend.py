@@ -1,0 +1,166 @@
+"""The onnxruntime runtime: one exported graph (encoder + all heads), fp32 or int8, CPU or CUDA."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bgeserve.errors import DeviceUnavailable, ModelLacksOutput
+from bgeserve.models.checkpoint import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, Checkpoint
+from bgeserve.models.heads import lexical_weights
+from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
+from bgeserve.runtime.devices import resolve_device
+from bgeserve.runtime.onnx_export import (
+    COLBERT,
+    DENSE,
+    DENSE_NORMALIZED,
+    HIDDEN,
+    TOKEN_WEIGHTS,
+    ensure_onnx_model,
+)
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"cpu": ("fp32", "int8"), "cuda": ("fp32",)}
+
+
+def _import_onnxruntime():  # noqa: ANN202 - the module
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise DeviceUnavailable(
+            "the onnx backend needs onnxruntime, which is not installed: pip install 'bgeserve[onnx]' "
+            "(onnxruntime-gpu for CUDA), or use --backend torch"
+        ) from exc
+    return onnxruntime
+
+
+def _onnx_device(spec: str | None) -> str:
+    """Like devices.resolve_device, but an explicit cuda:N is taken as is: onnxruntime-gpu may run CUDA
+    beside a CPU-only torch, which resolve_device would reject."""
+    name = (spec or "auto").strip().lower()
+    if name == "cuda":
+        return "cuda:0"
+    if name.startswith("cuda:") and name[5:].isdigit():
+        return name
+    return resolve_device(name)
+
+
+def resolve_onnx_dtype(dtype: str | None, device: str) -> str:
+    """'auto' -> fp32; fp32 anywhere, int8 on CPU. Anything else is a clear error, not a silent fp32."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    name = (dtype or "auto").strip().lower()
+    name = {"float32": "fp32", "qint8": "int8"}.get(name, name)
+    if name == "auto":
+        return "fp32"
+    if name not in _DTYPES[kind]:
+        hint = "use --backend torch for fp16/bf16" if name in ("fp16", "bf16", "float16", "bfloat16") else ""
+        raise ValueError(
+            f"the onnx backend runs {' or '.join(_DTYPES[kind])} on {kind}, not {dtype!r}"
+            + (f"; {hint}" if hint else "")
+        )
+    return name
+
+
+class OnnxBackend:
+    """One onnxruntime session on one device (implements runtime.backend.Backend).
+
+    The first load exports the model (seconds for small models, ~1-2 minutes for bge-m3) and caches it;
+    later loads reuse the cached file (see `runtime.onnx_export`).
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        threads: int | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        ort = _import_onnxruntime()
+        self.device = _onnx_device(device)
+        self.dtype = resolve_onnx_dtype(dtype, self.device)
+        self.checkpoint = checkpoint
+        self.hidden_size = checkpoint.hidden_size
+        self.capabilities: Capabilities = checkpoint.capabilities
+        providers = self._providers(ort)
+        self.model_path = ensure_onnx_model(checkpoint, self.dtype, cache_dir)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # One graph runs at a time per replica: parallelism comes from intra-op threads only.
+        options.inter_op_num_threads = 1
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
+        self._pad_id = checkpoint.config.pad_token_id
+        self._unused_ids = torch.tensor(sorted(checkpoint.unused_token_ids), dtype=torch.long)
+        log.info(
+            "loaded %s with onnxruntime on %s (%s, %s)",
+            checkpoint.name,
+            self.device,
+            self.dtype,
+            self.session.get_providers()[0],
+        )
+
+    def _providers(self, ort) -> list:  # noqa: ANN001 - the onnxruntime module
+        if self.device == "cpu":
+            return ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise DeviceUnavailable(
+                f"device {self.device} asked of the onnx backend, but this onnxruntime "
+                f"({ort.__version__}) has no CUDAExecutionProvider: pip uninstall onnxruntime && "
+                f"pip install onnxruntime-gpu, or use --backend torch"
+            )
+        device_id = int(self.device.split(":", 1)[1]) if ":" in self.device else 0
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+
+    def _check(self, want: OutputRequest) -> None:
+        if want.sparse and not self.capabilities.sparse:
+            raise ModelLacksOutput("sparse lexical weights", self.checkpoint.name, SPARSE_HEAD_FILE)
+        if want.colbert and not self.capabilities.colbert:
+            raise ModelLacksOutput("ColBERT vectors", self.checkpoint.name, COLBERT_HEAD_FILE)
+
+    def run(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
+        """Encodes id sequences (special tokens included); returns one ItemOutput per sequence."""
+        self._check(want)
+        if not batch:
+            return []
+        lengths = [len(ids) for ids in batch]
+        ids = np.full((len(batch), max(lengths)), self._pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        names = []
+        if want.dense:
+            names.append(DENSE_NORMALIZED if want.normalize_dense else DENSE)
+        if want.sparse:
+            names.append(TOKEN_WEIGHTS)
+        if want.colbert:
+            names.append(COLBERT)
+        if want.token_embeddings:
+            names.append(HIDDEN)
+        items = [ItemOutput(num_tokens=n) for n in lengths]
+        if not names:
+            return items
+        results = dict(zip(names, self.session.run(names, {"input_ids": ids, "attention_mask": mask}), strict=True))
+        if want.dense:
+            dense = results[names[0]]
+            for item, vec in zip(items, dense.astype(np.float32, copy=False), strict=True):
+                item.dense = vec
+        if want.sparse:
+            weights = torch.from_numpy(results[TOKEN_WEIGHTS])
+            per_item = lexical_weights(weights, torch.from_numpy(ids), torch.from_numpy(mask), self._unused_ids)
+            for item, lw in zip(items, per_item, strict=True):
+                item.lexical_weights = lw
+        if want.colbert:
+            for item, v in zip(items, results[COLBERT], strict=True):
+                item.colbert = np.ascontiguousarray(v[: item.num_tokens - 1], dtype=np.float32)
+        if want.token_embeddings:
+            for item, h in zip(items, results[HIDDEN], strict=True):
+                item.token_embeddings = np.ascontiguousarray(h[: item.num_tokens], dtype=np.float32)
+        return items
