@@ -230,14 +230,7 @@ def export_onnx(checkpoint: Checkpoint, path: Path, model: EmbeddingModel | None
     # Above 2 GB torch writes one file per tensor next to the graph; re-save as one graph + one data file.
     proto = onnx.load(str(raw_dir / MODEL_FILE), load_external_data=True)
     proto.producer_name, proto.producer_version = "bgeserve", EXPORTER_VERSION
-    onnx.save_model(
-        proto,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=DATA_FILE,
-        size_threshold=1024,
-    )
+    _save_with_one_data_file(proto, path)
     del proto
     shutil.rmtree(raw_dir)
     return path
@@ -285,14 +278,7 @@ def quantize_int8(source: Path, path: Path, signed_weights: bool = False, keep_f
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     proto.producer_version = f"{EXPORTER_VERSION}-int8"
-    onnx.save_model(
-        proto,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=DATA_FILE,
-        size_threshold=1024,
-    )
+    _save_with_one_data_file(proto, path)
     return path
 
 
@@ -361,3 +347,17 @@ def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool,
         oh.make_node("Concat", [t("lead"), width], [t("out_shape")], axis=0),
         oh.make_node("Reshape", [t("y2"), t("out_shape")], [y]),
     ]
+
+
+def _save_with_one_data_file(proto, path: Path) -> None:
+    """Graph in `path`, every tensor above 1 KB in one DATA_FILE beside it (needed past 2 GB)."""
+    import onnx
+
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
