@@ -45,7 +45,12 @@ EXTRA_TEXTS = [
 
 
 def _files(path: Path) -> set[str]:
-    return {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    # The ONNX backend caches its export next to the model (bgeserve-onnx/): not part of the checkpoint.
+    return {
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and not p.relative_to(path).as_posix().startswith("bgeserve-onnx/")
+    }
 
 
 def _mixed_lines() -> list[str]:
