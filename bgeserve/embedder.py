@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 
 from bgeserve import scoring
 from bgeserve.engine.batching import plan_batches
-from bgeserve.errors import InvalidInput, ModelLacksOutput
-from bgeserve.models.checkpoint import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, load_checkpoint
+from bgeserve.errors import InvalidInput
+from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime.backend import ItemOutput, OutputRequest
 from bgeserve.runtime.devices import resolve_device
 from bgeserve.runtime.factory import create_backend
@@ -226,8 +226,4 @@ class Embedder:
 
     def check_outputs(self, want: OutputRequest) -> None:
         """Raises ModelLacksOutput when `want` asks for a head this checkpoint does not have."""
-        caps = self.checkpoint.capabilities
-        if want.sparse and not caps.sparse:
-            raise ModelLacksOutput("sparse lexical weights", self.checkpoint.name, SPARSE_HEAD_FILE)
-        if want.colbert and not caps.colbert:
-            raise ModelLacksOutput("ColBERT vectors", self.checkpoint.name, COLBERT_HEAD_FILE)
+        self.checkpoint.capabilities.require(want, self.checkpoint.name)

@@ -14,14 +14,12 @@ from bgeserve.engine.observer import EngineObserver, NullObserver
 from bgeserve.engine.queue import TokenBudgetBatcher, WorkItem
 from bgeserve.engine.replicas import ReplicaPool, build_backends
 from bgeserve.engine.slots import InputSlots
-from bgeserve.errors import InputTooLong, InvalidInput, ModelLacksOutput
+from bgeserve.errors import InputTooLong, InvalidInput
 from bgeserve.runtime.backend import Backend, Capabilities, ItemOutput, OutputRequest
 
 if TYPE_CHECKING:
     from bgeserve.models.checkpoint import Checkpoint
 
-# Same file names as bgeserve.models.checkpoint; repeated so the engine's messages need no torch import.
-_HEAD_FILES = {"sparse": "sparse_linear.pt", "colbert": "colbert_linear.pt"}
 
 
 @dataclass(frozen=True)
@@ -168,10 +166,7 @@ class EmbeddingEngine:
 
     def check_outputs(self, want: OutputRequest) -> None:
         """Raises ModelLacksOutput when `want` asks for a head this model does not have."""
-        if want.sparse and not self.capabilities.sparse:
-            raise ModelLacksOutput("sparse lexical weights", self.name, _HEAD_FILES["sparse"])
-        if want.colbert and not self.capabilities.colbert:
-            raise ModelLacksOutput("ColBERT vectors", self.name, _HEAD_FILES["colbert"])
+        self.capabilities.require(want, self.name)
 
     def resolve_max_length(self, max_length: int | None) -> int:
         """The token limit for one request: the model's, or a smaller one the caller asked for."""

@@ -12,12 +12,10 @@ import torch
 from bgeserve.errors import InvalidCheckpoint, ModelNotFound
 from bgeserve.models.config import EncoderConfig
 from bgeserve.models.tokenizer import TextTokenizer
-from bgeserve.runtime.backend import Capabilities
+from bgeserve.runtime.backend import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, Capabilities
 
 log = logging.getLogger(__name__)
 
-SPARSE_HEAD_FILE = "sparse_linear.pt"
-COLBERT_HEAD_FILE = "colbert_linear.pt"
 BUNDLED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # Files worth fetching when a hub id is given (the ONNX / other-framework copies are not).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "pytorch_model.bin", "*.pt", "*.model", "*.txt", "1_Pooling/*"]

@@ -7,6 +7,12 @@ from typing import Protocol
 
 import numpy as np
 
+from bgeserve.errors import ModelLacksOutput
+
+# The bge-m3 head files; a checkpoint without one cannot give that output.
+SPARSE_HEAD_FILE = "sparse_linear.pt"
+COLBERT_HEAD_FILE = "colbert_linear.pt"
+
 
 @dataclass(frozen=True)
 class OutputRequest:
@@ -38,6 +44,13 @@ class Capabilities:
     dense: bool
     sparse: bool
     colbert: bool
+
+    def require(self, want: OutputRequest, model: str) -> None:
+        """Raises ModelLacksOutput when `want` asks for a head this model does not have."""
+        if want.sparse and not self.sparse:
+            raise ModelLacksOutput("sparse lexical weights", model, SPARSE_HEAD_FILE)
+        if want.colbert and not self.colbert:
+            raise ModelLacksOutput("ColBERT vectors", model, COLBERT_HEAD_FILE)
 
 
 class Backend(Protocol):

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bgeserve.errors import DeviceUnavailable, ModelLacksOutput
-from bgeserve.models.checkpoint import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, Checkpoint
+from bgeserve.errors import DeviceUnavailable
+from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.heads import lexical_weights
 from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
 from bgeserve.runtime.devices import resolve_device
@@ -118,15 +118,9 @@ class OnnxBackend:
         device_id = int(self.device.split(":", 1)[1]) if ":" in self.device else 0
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
 
-    def _check(self, want: OutputRequest) -> None:
-        if want.sparse and not self.capabilities.sparse:
-            raise ModelLacksOutput("sparse lexical weights", self.checkpoint.name, SPARSE_HEAD_FILE)
-        if want.colbert and not self.capabilities.colbert:
-            raise ModelLacksOutput("ColBERT vectors", self.checkpoint.name, COLBERT_HEAD_FILE)
-
     def run(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
         """Encodes id sequences (special tokens included); returns one ItemOutput per sequence."""
-        self._check(want)
+        self.capabilities.require(want, self.checkpoint.name)
         if not batch:
             return []
         lengths = [len(ids) for ids in batch]

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bgeserve.errors import ModelLacksOutput
-from bgeserve.models.checkpoint import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, Checkpoint
+from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.heads import colbert_vectors, lexical_weights, pool_dense, token_weights
 from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
@@ -70,16 +69,10 @@ class TorchBackend:
         for length in (8, 64):
             self.run([[self._pad_id + 1] * length] * 2, OutputRequest())
 
-    def _check(self, want: OutputRequest) -> None:
-        if want.sparse and not self.capabilities.sparse:
-            raise ModelLacksOutput("sparse lexical weights", self.checkpoint.name, SPARSE_HEAD_FILE)
-        if want.colbert and not self.capabilities.colbert:
-            raise ModelLacksOutput("ColBERT vectors", self.checkpoint.name, COLBERT_HEAD_FILE)
-
     @torch.inference_mode()
     def run(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
         """Encodes id sequences (special tokens included); returns one ItemOutput per sequence."""
-        self._check(want)
+        self.capabilities.require(want, self.checkpoint.name)
         if not batch:
             return []
         lengths = [len(ids) for ids in batch]
