@@ -43,20 +43,24 @@ DEFAULT_RERANK_WEIGHTS = (0.4, 0.2, 0.4)
 _DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
 
 
-@router.post("/embed", response_model=list[list[float]])
-async def embed(body: EmbedRequest, request: Request, svc: ServiceDep) -> JSONResponse:
-    """Dense embeddings, one list per input (normalised unless `normalize` is false)."""
+async def _encode_inputs(body, request: Request, svc: ServiceDep, want: OutputRequest):
+    """The common part of /embed, /embed_sparse and /embed_all: validate, encode, stop if the client left."""
     inputs = as_input_list(body.inputs)
     check_batch_size(len(inputs), svc.settings.max_client_batch_size)
-    check_dimensions(body.dimensions, svc.engine.hidden_size)
     check_prompt_name(body.prompt_name)
-    want = OutputRequest(dense=True, normalize_dense=body.normalize)
-    result = await unless_disconnected(
+    return await unless_disconnected(
         request,
         svc.engine.encode(
             inputs, want, truncate=body.truncate, direction=truncation_direction(body.truncation_direction)
         ),
     )
+
+
+@router.post("/embed", response_model=list[list[float]])
+async def embed(body: EmbedRequest, request: Request, svc: ServiceDep) -> JSONResponse:
+    """Dense embeddings, one list per input (normalised unless `normalize` is false)."""
+    check_dimensions(body.dimensions, svc.engine.hidden_size)
+    result = await _encode_inputs(body, request, svc, OutputRequest(dense=True, normalize_dense=body.normalize))
     matrix = dense_matrix(result.outputs, body.dimensions, normalize=body.normalize)
     return JSONResponse(matrix.tolist(), headers=timing_headers(result))
 
@@ -66,16 +70,7 @@ async def embed_sparse(
     body: EmbedSparseRequest, request: Request, svc: ServiceDep
 ) -> JSONResponse:
     """bge-m3 lexical weights per input as `[{"index": token_id, "value": weight}]`, sorted by index."""
-    inputs = as_input_list(body.inputs)
-    check_batch_size(len(inputs), svc.settings.max_client_batch_size)
-    check_prompt_name(body.prompt_name)
-    want = OutputRequest(dense=False, sparse=True)
-    result = await unless_disconnected(
-        request,
-        svc.engine.encode(
-            inputs, want, truncate=body.truncate, direction=truncation_direction(body.truncation_direction)
-        ),
-    )
+    result = await _encode_inputs(body, request, svc, OutputRequest(dense=False, sparse=True))
     content = [sparse_values(output.lexical_weights or {}) for output in result.outputs]
     return JSONResponse(content, headers=timing_headers(result))
 
@@ -83,16 +78,7 @@ async def embed_sparse(
 @router.post("/embed_all", response_model=list[list[list[float]]])
 async def embed_all(body: EmbedAllRequest, request: Request, svc: ServiceDep) -> JSONResponse:
     """The last hidden state of every token (special tokens included), per input."""
-    inputs = as_input_list(body.inputs)
-    check_batch_size(len(inputs), svc.settings.max_client_batch_size)
-    check_prompt_name(body.prompt_name)
-    want = OutputRequest(dense=False, token_embeddings=True)
-    result = await unless_disconnected(
-        request,
-        svc.engine.encode(
-            inputs, want, truncate=body.truncate, direction=truncation_direction(body.truncation_direction)
-        ),
-    )
+    result = await _encode_inputs(body, request, svc, OutputRequest(dense=False, token_embeddings=True))
     content = [output.token_embeddings.tolist() for output in result.outputs]
     return JSONResponse(content, headers=timing_headers(result))
 
