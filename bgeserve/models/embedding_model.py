@@ -8,6 +8,7 @@ from torch import nn
 from bgeserve.errors import InvalidCheckpoint
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.encoder import TransformerEncoder
+from bgeserve.models.packed import PackedBatch
 
 
 def _linear_from_state(state: dict[str, torch.Tensor], name: str) -> nn.Linear:
@@ -44,3 +45,7 @@ class EmbeddingModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last hidden state [batch, seq, hidden]."""
         return self.encoder(input_ids, attention_mask)
+
+    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """Last hidden state of every real token, [T, hidden]."""
+        return self.encoder.forward_packed(batch)

@@ -14,6 +14,7 @@ from torch import nn
 
 from bgeserve.errors import InvalidCheckpoint
 from bgeserve.models.config import EncoderConfig
+from bgeserve.models.packed import PackedBatch, packed_attention
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -49,6 +50,21 @@ class Embeddings(nn.Module):
         hidden = hidden + self.position_embeddings(positions)
         return self.LayerNorm(hidden)
 
+    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """The same for a packed batch: [T] ids -> [T, hidden], positions counted per sequence."""
+        ids = batch.ids
+        if self.cfg.uses_roberta_positions:
+            not_pad = (ids != self.cfg.pad_token_id).to(torch.long)
+            count = torch.cumsum(not_pad, dim=0)
+            # Subtract the count reached before each sequence's first token: numbering restarts per sequence.
+            before = (count - not_pad)[batch.starts][batch.segment]
+            positions = (count - before) * not_pad + self.cfg.pad_token_id
+        else:
+            positions = batch.offset
+        hidden = self.word_embeddings(ids) + self.token_type_embeddings.weight[0]
+        hidden = hidden + self.position_embeddings(positions)
+        return self.LayerNorm(hidden)
+
 
 class EncoderLayer(nn.Module):
     """Post-LN transformer block: fused QKV attention, then GELU feed-forward."""
@@ -78,6 +94,17 @@ class EncoderLayer(nn.Module):
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         ctx = ctx.transpose(1, 2).reshape(b, n, h)
         hidden = self.attn_norm(self.attn_out(ctx).to(hidden.dtype) + hidden)
+        return self._feed_forward(hidden)
+
+    def forward_packed(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """The same block on packed tokens [T, hidden]: projections on all rows, attention per sequence."""
+        x = hidden.to(self.compute_dtype)
+        qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1)
+        ctx = packed_attention(qkv, batch)
+        hidden = self.attn_norm(self.attn_out(ctx).to(hidden.dtype) + hidden)
+        return self._feed_forward(hidden)
+
+    def _feed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.to(self.compute_dtype)
         return self.ffn_norm(self.ffn_out(self.act(self.ffn_in(x))).to(hidden.dtype) + hidden)
 
@@ -89,7 +116,7 @@ class EncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """Returns the last hidden state [batch, seq, hidden] for padded input ids."""
+    """Returns the last hidden state: [batch, seq, hidden] for padded ids, [T, hidden] for a packed batch."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -105,6 +132,13 @@ class TransformerEncoder(nn.Module):
             hidden = layer(hidden, attn_mask)
         return hidden
 
+    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """Last hidden state of every real token, [T, hidden]: no row of padding is ever computed."""
+        hidden = self.embeddings.forward_packed(batch)
+        for layer in self.layers:
+            hidden = layer.forward_packed(hidden, batch)
+        return hidden
+
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Runs the layers' matrix products in `dtype` (fp16/bf16); embeddings, LayerNorms and the
         residual stream stay fp32."""
@@ -116,9 +150,7 @@ class TransformerEncoder(nn.Module):
         mapped = map_hf_weights(state, self.cfg.num_layers)
         # assign=True adopts the loaded tensors instead of copying them into the initialised ones: built on
         # the meta device, the module never holds a second copy of the weights.
-        missing, unexpected = self.load_state_dict(
-            {k: v.float() for k, v in mapped.items()}, strict=False, assign=True
-        )
+        missing, unexpected = self.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=False, assign=True)
         if missing or unexpected:
             raise InvalidCheckpoint(
                 f"checkpoint weights do not fit a {self.cfg.model_type} encoder: "

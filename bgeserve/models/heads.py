@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bgeserve.models.packed import PackedBatch
+
 
 def pool_dense(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
     """Sentence vector [batch, hidden]: CLS row or masked mean, L2-normalised when asked."""
@@ -13,6 +15,16 @@ def pool_dense(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize
     else:
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def pool_dense_packed(hidden: torch.Tensor, batch: PackedBatch, pooling: str, normalize: bool) -> torch.Tensor:
+    """pool_dense for packed hidden states [T, hidden] -> [batch, hidden]."""
+    if pooling == "cls":
+        pooled = hidden[batch.starts]
+    else:
+        sums = hidden.new_zeros(len(batch.lengths), hidden.shape[-1]).index_add_(0, batch.segment, hidden)
+        pooled = sums / torch.tensor(batch.lengths, dtype=hidden.dtype, device=hidden.device).unsqueeze(-1)
     return F.normalize(pooled, dim=-1) if normalize else pooled
 
 
@@ -25,6 +37,16 @@ def colbert_vectors(hidden: torch.Tensor, colbert_linear: torch.nn.Linear) -> to
     """colbert_linear(H[:, 1:]), each row L2-normalised, [batch, seq - 1, dim] (padding rows included:
     callers keep the first num_tokens - 1 rows of each item)."""
     return F.normalize(colbert_linear(hidden[:, 1:]), dim=-1)
+
+
+def colbert_vectors_packed(
+    hidden: torch.Tensor, batch: PackedBatch, colbert_linear: torch.nn.Linear
+) -> list[torch.Tensor]:
+    """colbert_vectors for packed hidden states: per sequence [num_tokens - 1, dim], CLS row left out."""
+    keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    keep[batch.starts] = False
+    vecs = F.normalize(colbert_linear(hidden[keep]), dim=-1)
+    return list(vecs.split([n - 1 for n in batch.lengths]))
 
 
 def lexical_weights(
@@ -43,9 +65,7 @@ def lexical_weights(
     stride = int(input_ids.max().item()) + 1 if input_ids.numel() else 1
     uniq, inverse = torch.unique(item * stride + tokens, return_inverse=True)
     best = torch.zeros(len(uniq)).scatter_reduce(0, inverse, values, "amax", include_self=False)
-    first = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(
-        0, inverse, pos, "amin", include_self=False
-    )
+    first = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(0, inverse, pos, "amin", include_self=False)
     owner = uniq // stride
     order = torch.argsort(owner * (input_ids.shape[1] + 1) + first)
     owner, token_ids, best = owner[order].tolist(), (uniq % stride)[order].tolist(), best[order].tolist()

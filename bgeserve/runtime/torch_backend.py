@@ -10,8 +10,17 @@ import torch
 
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
-from bgeserve.models.heads import colbert_vectors, lexical_weights, pool_dense, token_weights
+from bgeserve.models.heads import (
+    colbert_vectors,
+    colbert_vectors_packed,
+    lexical_weights,
+    pool_dense,
+    pool_dense_packed,
+    token_weights,
+)
+from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
+from bgeserve.runtime.cpu_linear import pack_encoder_linears
 from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
 from bgeserve.runtime.int8 import quantize_encoder_int8
 
@@ -47,11 +56,13 @@ class TorchBackend:
         model = model.to(self.device).eval()
         if self.dtype in ("fp16", "bf16"):
             model.encoder.set_compute_dtype(DTYPES[self.dtype])
+        if self.device == "cpu" and self.dtype in ("fp32", "bf16") and not compile:
+            pack_encoder_linears(model.encoder, checkpoint.config.hidden_act)
         self.model = model
         self._pad_id = checkpoint.config.pad_token_id
         self._unused_ids = torch.tensor(sorted(checkpoint.unused_token_ids), dtype=torch.long)
-        # Compiled graphs are shape-specialised: pad lengths to buckets so a few graphs serve all inputs.
-        self._bucket = COMPILE_LENGTH_BUCKET if compile else 1
+        # Compiled graphs are shape-specialised: lengths are padded to buckets so a few graphs serve all inputs.
+        self._compiled = compile
         self._forward = torch.compile(model, dynamic=True) if compile else model
         if compile:
             self._warm_up()
@@ -75,8 +86,34 @@ class TorchBackend:
         self.capabilities.require(want, self.checkpoint.name)
         if not batch:
             return []
+        # Compiled graphs want few distinct shapes, so they keep the padded, length-bucketed layout;
+        # eager runs pack the batch and spend nothing on padding.
+        return self._run_padded(batch, want) if self._compiled else self._run_packed(batch, want)
+
+    def _run_packed(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
+        packed = PackedBatch.from_sequences(batch, self.device)
+        hidden = self.model.forward_packed(packed)
+        items = [ItemOutput(num_tokens=n) for n in packed.lengths]
+        if want.dense:
+            dense = pool_dense_packed(hidden, packed, self.checkpoint.pooling, want.normalize_dense)
+            for item, vec in zip(items, _to_numpy(dense), strict=True):
+                item.dense = vec
+        if want.sparse:
+            weights = packed.pad(token_weights(hidden, self.model.sparse_linear))
+            ids, mask = packed.pad(packed.ids, self._pad_id), packed.mask()
+            for item, lw in zip(items, lexical_weights(weights, ids, mask, self._unused_ids), strict=True):
+                item.lexical_weights = lw
+        if want.colbert:
+            for item, v in zip(items, colbert_vectors_packed(hidden, packed, self.model.colbert_linear), strict=True):
+                item.colbert = _to_numpy(v)
+        if want.token_embeddings:
+            for item, h in zip(items, hidden.split(packed.lengths), strict=True):
+                item.token_embeddings = _to_numpy(h)
+        return items
+
+    def _run_padded(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
         lengths = [len(ids) for ids in batch]
-        width = -(-max(lengths) // self._bucket) * self._bucket
+        width = -(-max(lengths) // COMPILE_LENGTH_BUCKET) * COMPILE_LENGTH_BUCKET
         ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, seq in enumerate(batch):

@@ -1,0 +1,97 @@
+"""Packed (padding-free) batches: the tokens of every sequence concatenated, plus where each one starts.
+
+Linear layers and the feed-forward run on the [total_tokens, hidden] matrix, so no FLOP is spent on
+padding; only attention needs the sequence boundaries. It runs per sequence: FlashAttention's varlen
+kernel on CUDA in fp16/bf16, one SDPA call per sequence on the CPU (whose per-call overhead is tiny next
+to the matrix products), and a padded SDPA over scattered rows on CUDA in fp32 where varlen has no kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.9; CUDA only.
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn = None
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Token ids of a batch back to back, with each sequence's length and start."""
+
+    ids: torch.Tensor  # [T] int64, every sequence's ids in order
+    lengths: list[int]  # per sequence, host side (split sizes)
+    starts: torch.Tensor  # [B] int64, index of each sequence's first token
+    segment: torch.Tensor  # [T] int64, which sequence each token belongs to
+    offset: torch.Tensor  # [T] int64, each token's position inside its sequence
+    cu_seqlens: torch.Tensor  # [B + 1] int32, cumulative lengths (FlashAttention's format)
+
+    @classmethod
+    def from_sequences(cls, sequences: list[list[int]], device: str | torch.device = "cpu") -> PackedBatch:
+        """Packs non-empty id sequences; tensors are built on the host and moved once."""
+        lengths = [len(seq) for seq in sequences]
+        if not lengths or min(lengths) < 1:
+            raise ValueError("a packed batch needs at least one sequence and no empty one")
+        ids = torch.tensor([token for seq in sequences for token in seq], dtype=torch.long)
+        length_t = torch.tensor(lengths, dtype=torch.long)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        torch.cumsum(length_t, 0, out=cu[1:])
+        segment = torch.repeat_interleave(torch.arange(len(lengths)), length_t)
+        offset = torch.arange(len(ids)) - cu[:-1][segment]
+        return cls(
+            ids=ids.to(device),
+            lengths=lengths,
+            starts=cu[:-1].to(device),
+            segment=segment.to(device),
+            offset=offset.to(device),
+            cu_seqlens=cu.to(torch.int32).to(device),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
+
+    def pad(self, flat: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+        """[T, ...] -> [B, max_len, ...], `fill` where a sequence has no token."""
+        out = flat.new_full((len(self.lengths), self.max_len, *flat.shape[1:]), fill)
+        out[self.segment, self.offset] = flat
+        return out
+
+    def mask(self) -> torch.Tensor:
+        """[B, max_len] int64 attention mask of the padded layout (1 = token)."""
+        return self.pad(torch.ones_like(self.ids), 0)
+
+
+def packed_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Self-attention within each sequence. qkv: [T, 3, heads, head_dim] -> context [T, heads * head_dim]."""
+    total = qkv.shape[0]
+    if qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None:
+        q, k, v = qkv.unbind(1)
+        out = _varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_len, batch.max_len)
+        return out.reshape(total, -1)
+    if qkv.is_cuda:
+        return padded_attention(qkv, batch)
+    return per_sequence_attention(qkv, batch)
+
+
+def per_sequence_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """One SDPA call per sequence, no mask and no padding."""
+    out = qkv.new_empty(qkv.shape[0], qkv.shape[2] * qkv.shape[3])
+    start = 0
+    for n, chunk in zip(batch.lengths, qkv.split(batch.lengths), strict=True):
+        q, k, v = chunk.permute(1, 2, 0, 3)  # each [heads, n, head_dim]
+        out[start : start + n] = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(n, -1)
+        start += n
+    return out
+
+
+def padded_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Scatters the rows into a padded batch for one masked SDPA call, then gathers the real rows back."""
+    q, k, v = batch.pad(qkv).permute(2, 0, 3, 1, 4)  # each [B, heads, max_len, head_dim]
+    key_mask = batch.mask().to(torch.bool)[:, None, None, :]
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).transpose(1, 2)
+    return ctx[batch.segment, batch.offset].reshape(qkv.shape[0], -1)

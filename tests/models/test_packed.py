@@ -1,0 +1,95 @@
+"""Packed (padding-free) execution gives what the padded layout gives, for every output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bgeserve.models.checkpoint import load_checkpoint
+from bgeserve.models.embedding_model import EmbeddingModel
+from bgeserve.models.packed import PackedBatch, padded_attention, per_sequence_attention
+from bgeserve.runtime.backend import OutputRequest
+from bgeserve.runtime.torch_backend import TorchBackend
+
+CORPUS_FILE = Path(__file__).resolve().parents[2] / "bgeserve" / "data" / "mixed.txt"
+TEXTS = [line for line in CORPUS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()][:24]
+# Lengths from 3 tokens to hundreds, a literal "<pad>" inside a text (XLM-R positions skip it) and a repeat.
+TEXTS += ["hi", "a <pad> inside", " ".join(TEXTS[:6]), TEXTS[0]]
+EVERYTHING = OutputRequest(dense=True, sparse=True, colbert=True, token_embeddings=True)
+
+
+def _padded_hidden(model: EmbeddingModel, ids: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+    width = max(map(len, ids))
+    padded = torch.full((len(ids), width), pad_id)
+    mask = torch.zeros_like(padded)
+    for row, seq in enumerate(ids):
+        padded[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    hidden = model(padded, mask)
+    return [hidden[row, : len(seq)] for row, seq in enumerate(ids)]
+
+
+@pytest.mark.parametrize("which", ["m3", "minilm"])
+@torch.inference_mode()
+def test_packed_encoder_equals_padded(which, m3_checkpoint, minilm_path):
+    """XLM-R (positions from ids) and BERT (positions by index) both: every real token's hidden state."""
+    ckpt = load_checkpoint(str(m3_checkpoint if which == "m3" else minilm_path))
+    model = EmbeddingModel(ckpt)
+    ids = ckpt.tokenizer.encode(TEXTS, max_length=256).ids
+    expected = _padded_hidden(model, ids, ckpt.config.pad_token_id)
+    packed = model.forward_packed(PackedBatch.from_sequences(ids))
+    assert packed.shape[0] == sum(map(len, ids))  # not one padding row
+    for want, got in zip(expected, packed.split([len(x) for x in ids]), strict=True):
+        assert (want - got).abs().max().item() <= 1e-5
+
+
+def test_padded_attention_equals_per_sequence():
+    """The CUDA fp32 fallback (scatter to a padded batch, masked SDPA) against the CPU per-sequence loop."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [7, 1, 30, 12]
+    batch = PackedBatch.from_sequences([[5] * n for n in lengths])
+    qkv = torch.randn(sum(lengths), 3, 4, 8, generator=gen)
+    loop, padded = per_sequence_attention(qkv, batch), padded_attention(qkv, batch)
+    assert loop.shape == (sum(lengths), 32)
+    torch.testing.assert_close(padded, loop, atol=1e-6, rtol=1e-5)
+    # Attention stays inside a sequence: changing one sequence leaves the others' rows alone.
+    qkv2 = qkv.clone()
+    qkv2[:7] += 1.0
+    assert torch.equal(per_sequence_attention(qkv2, batch)[7:], loop[7:])
+
+
+def test_packed_batch_layout():
+    batch = PackedBatch.from_sequences([[1, 2, 3], [4], [5, 6]])
+    assert batch.ids.tolist() == [1, 2, 3, 4, 5, 6]
+    assert batch.starts.tolist() == [0, 3, 4]
+    assert batch.cu_seqlens.tolist() == [0, 3, 4, 6]
+    assert batch.offset.tolist() == [0, 1, 2, 0, 0, 1]
+    assert batch.pad(batch.ids, -1).tolist() == [[1, 2, 3], [4, -1, -1], [5, 6, -1]]
+    assert batch.mask().tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    with pytest.raises(ValueError):
+        PackedBatch.from_sequences([[1], []])
+
+
+@pytest.mark.parametrize("which", ["m3", "minilm"])
+def test_backend_packed_outputs_equal_padded(which, m3_checkpoint, minilm_path):
+    """Every output of the backend's packed path equals its padded (compile) layout: dense, sparse keys in
+    the same order, ColBERT rows, token embeddings."""
+    ckpt = load_checkpoint(str(m3_checkpoint if which == "m3" else minilm_path))
+    backend = TorchBackend(ckpt)
+    want = EVERYTHING if which == "m3" else OutputRequest(token_embeddings=True)
+    ids = ckpt.tokenizer.encode(TEXTS, max_length=256).ids
+    with torch.inference_mode():
+        padded = backend._run_padded(ids, want)
+    packed = backend.run(ids, want)
+    for a, b in zip(padded, packed, strict=True):
+        assert a.num_tokens == b.num_tokens
+        np.testing.assert_allclose(b.dense, a.dense, atol=1e-5)
+        np.testing.assert_allclose(b.token_embeddings, a.token_embeddings, atol=1e-5)
+        if which == "m3":
+            assert list(b.lexical_weights) == list(a.lexical_weights)
+            np.testing.assert_allclose(list(b.lexical_weights.values()), list(a.lexical_weights.values()), atol=1e-5)
+            assert b.colbert.shape == (a.num_tokens - 1, a.colbert.shape[1])
+            np.testing.assert_allclose(b.colbert, a.colbert, atol=1e-5)
