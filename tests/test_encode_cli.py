@@ -20,12 +20,12 @@ def _encode(args: list[str], stdin: str) -> subprocess.CompletedProcess:
 
 def test_plain_and_json_lines_with_all_outputs(m3_checkpoint):
     stdin = 'first text\n{"id": "doc-7", "text": "北京是中国的首都"}\n\n  spaced line\n'
-    proc = _encode(["--model", str(m3_checkpoint), "--sparse", "--colbert", "--no-progress"], stdin)
+    proc = _encode(["--model", str(m3_checkpoint), "--dtype", "fp32", "--sparse", "--colbert", "--no-progress"], stdin)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2]
     assert rows[1]["id"] == "doc-7" and "id" not in rows[0]
-    expected = Embedder(str(m3_checkpoint), device="cpu").encode(
+    expected = Embedder(str(m3_checkpoint), device="cpu", dtype="fp32").encode(
         ["first text", "北京是中国的首都", "  spaced line"], return_sparse=True, return_colbert_vecs=True
     )
     for i, row in enumerate(rows):

@@ -53,7 +53,8 @@ class ServeSettings:
         metadata=_flag("cpu, cuda:0,cuda:1,... or auto (every visible GPU, else CPU); env DEVICE also works"),
     )
     dtype: str = field(
-        default="auto", metadata=_flag("auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16, int8")
+        default="auto",
+        metadata=_flag("auto (GPU: bf16 else fp16; CPU: bf16 if native and faster, else fp32), fp32, fp16, bf16, int8"),
     )
     backend: str = field(default="torch", metadata=_flag("torch or onnx (ONNX Runtime)"))
     compile: bool = field(default=False, metadata=_flag("torch.compile the model at start-up (torch backend)"))

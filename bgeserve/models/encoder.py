@@ -7,6 +7,8 @@ compile) can change it freely. Q, K and V are fused into one projection at load 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,9 @@ from torch import nn
 from bgeserve.errors import InvalidCheckpoint
 from bgeserve.models.config import EncoderConfig
 from bgeserve.models.packed import PackedBatch, packed_attention
+
+# Packed projections [T, 3, heads, head_dim] -> context [T, hidden], attending within each sequence only.
+Attention = Callable[[torch.Tensor], torch.Tensor]
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -44,26 +49,26 @@ class Embeddings(nn.Module):
             positions = torch.cumsum(not_pad, dim=1) * not_pad + self.cfg.pad_token_id
         else:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return self.embed(input_ids, positions)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Ids and position ids of any shape -> [..., hidden]."""
         # Single-segment inputs: token type 0 everywhere. Summed in transformers' order (word + type +
         # position) so that fp32 results agree to the last bits.
         hidden = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
         hidden = hidden + self.position_embeddings(positions)
         return self.LayerNorm(hidden)
 
-    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
-        """The same for a packed batch: [T] ids -> [T, hidden], positions counted per sequence."""
-        ids = batch.ids
-        if self.cfg.uses_roberta_positions:
-            not_pad = (ids != self.cfg.pad_token_id).to(torch.long)
-            count = torch.cumsum(not_pad, dim=0)
-            # Subtract the count reached before each sequence's first token: numbering restarts per sequence.
-            before = (count - not_pad)[batch.starts][batch.segment]
-            positions = (count - before) * not_pad + self.cfg.pad_token_id
-        else:
-            positions = batch.offset
-        hidden = self.word_embeddings(ids) + self.token_type_embeddings.weight[0]
-        hidden = hidden + self.position_embeddings(positions)
-        return self.LayerNorm(hidden)
+
+def packed_positions(batch: PackedBatch, cfg: EncoderConfig) -> torch.Tensor:
+    """Position ids [T] of a packed batch, numbered per sequence exactly as Embeddings.forward does."""
+    if not cfg.uses_roberta_positions:
+        return batch.offset
+    not_pad = (batch.ids != cfg.pad_token_id).to(torch.long)
+    count = torch.cumsum(not_pad, dim=0)
+    # Subtract the count reached before each sequence's first token: numbering restarts per sequence.
+    before = (count - not_pad)[batch.starts][batch.segment]
+    return (count - before) * not_pad + cfg.pad_token_id
 
 
 class EncoderLayer(nn.Module):
@@ -96,11 +101,12 @@ class EncoderLayer(nn.Module):
         hidden = self.attn_norm(self.attn_out(ctx).to(hidden.dtype) + hidden)
         return self._feed_forward(hidden)
 
-    def forward_packed(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """The same block on packed tokens [T, hidden]: projections on all rows, attention per sequence."""
+    def forward_packed(self, hidden: torch.Tensor, attend: Attention) -> torch.Tensor:
+        """The same block on packed tokens [T, hidden]: projections on all rows; `attend` maps the
+        [T, 3, heads, head_dim] projections to the [T, hidden] context, keeping to each sequence."""
         x = hidden.to(self.compute_dtype)
         qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1)
-        ctx = packed_attention(qkv, batch)
+        ctx = attend(qkv)
         hidden = self.attn_norm(self.attn_out(ctx).to(hidden.dtype) + hidden)
         return self._feed_forward(hidden)
 
@@ -134,9 +140,14 @@ class TransformerEncoder(nn.Module):
 
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         """Last hidden state of every real token, [T, hidden]: no row of padding is ever computed."""
-        hidden = self.embeddings.forward_packed(batch)
+        return self.encode_tokens(batch.ids, packed_positions(batch, self.cfg), partial(packed_attention, batch=batch))
+
+    def encode_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attention) -> torch.Tensor:
+        """Packed ids and position ids [T] -> [T, hidden], attention done by `attend` (see forward_packed;
+        the ONNX export passes a traceable one)."""
+        hidden = self.embeddings.embed(input_ids, positions)
         for layer in self.layers:
-            hidden = layer.forward_packed(hidden, batch)
+            hidden = layer.forward_packed(hidden, attend)
         return hidden
 
     def set_compute_dtype(self, dtype: torch.dtype) -> None:

@@ -39,16 +39,6 @@ def colbert_vectors(hidden: torch.Tensor, colbert_linear: torch.nn.Linear) -> to
     return F.normalize(colbert_linear(hidden[:, 1:]), dim=-1)
 
 
-def colbert_vectors_packed(
-    hidden: torch.Tensor, batch: PackedBatch, colbert_linear: torch.nn.Linear
-) -> list[torch.Tensor]:
-    """colbert_vectors for packed hidden states: per sequence [num_tokens - 1, dim], CLS row left out."""
-    keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-    keep[batch.starts] = False
-    vecs = F.normalize(colbert_linear(hidden[keep]), dim=-1)
-    return list(vecs.split([n - 1 for n in batch.lengths]))
-
-
 def lexical_weights(
     weights: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, unused_ids: torch.Tensor
 ) -> list[dict[str, float]]:

@@ -65,6 +65,14 @@ class PackedBatch:
         """[B, max_len] int64 attention mask of the padded layout (1 = token)."""
         return self.pad(torch.ones_like(self.ids), 0)
 
+    def gather_index(self) -> torch.Tensor:
+        """[B, max_len]: for each padded slot the packed row it takes, T (one past the end) where none."""
+        return self.pad(torch.arange(len(self.ids), device=self.ids.device), len(self.ids))
+
+    def scatter_index(self) -> torch.Tensor:
+        """[T]: each packed row's place in the flattened [B * max_len] padded layout."""
+        return self.segment * self.max_len + self.offset
+
 
 def packed_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """Self-attention within each sequence. qkv: [T, 3, heads, head_dim] -> context [T, heads * head_dim]."""
@@ -90,8 +98,20 @@ def per_sequence_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tenso
 
 
 def padded_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """Scatters the rows into a padded batch for one masked SDPA call, then gathers the real rows back."""
-    q, k, v = batch.pad(qkv).permute(2, 0, 3, 1, 4)  # each [B, heads, max_len, head_dim]
-    key_mask = batch.mask().to(torch.bool)[:, None, None, :]
+    """Spreads the rows into a padded batch for one masked SDPA call, then takes the real rows back."""
+    return gathered_attention(qkv, batch.gather_index(), batch.mask(), batch.scatter_index())
+
+
+def gathered_attention(
+    qkv: torch.Tensor, gather_index: torch.Tensor, attention_mask: torch.Tensor, scatter_index: torch.Tensor
+) -> torch.Tensor:
+    """padded_attention with the layout given as tensors (see PackedBatch), so that it traces into an
+    ONNX graph: two gathers around one masked SDPA. Padding costs attention FLOPs here, not projection ones."""
+    total, _, heads, head_dim = qkv.shape
+    rows = qkv.reshape(total, 3 * heads * head_dim)
+    rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row T: what padded slots read
+    batch, width = gather_index.shape
+    q, k, v = rows[gather_index].view(batch, width, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    key_mask = attention_mask.to(torch.bool)[:, None, None, :]
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).transpose(1, 2)
-    return ctx[batch.segment, batch.offset].reshape(qkv.shape[0], -1)
+    return ctx.reshape(batch * width, heads * head_dim)[scatter_index]

@@ -1,6 +1,11 @@
-"""Device and precision choice: `auto` means CUDA when present, else CPU."""
+"""Device and precision choice: `auto` means CUDA when present, else CPU; for precision see auto_dtype()."""
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -55,14 +60,17 @@ def cpu_has_native_bf16() -> bool:
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
+# bf16 must beat fp32 by this much in the start-up measurement to be chosen: below it the small loss of
+# precision buys too little.
+BF16_MIN_SPEEDUP = 1.3
+
+
 def resolve_dtype(dtype: str | None, device: str) -> str:
-    """'auto' -> fp16 on CUDA, fp32 on CPU; rejects precisions the device cannot run."""
+    """'auto' -> auto_dtype(device); rejects precisions the device cannot run."""
     name = (dtype or "auto").strip().lower()
     name = _DTYPE_ALIASES.get(name, name)
     if name == "auto":
-        # CPU stays exact (fp32): FlagEmbedding parity is what `auto` promises there. bf16 is opt-in;
-        # cpu_has_native_bf16() tells where it pays off.
-        return "fp16" if device.startswith("cuda") else "fp32"
+        return auto_dtype(device)[0]
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use auto, fp32, fp16, bf16 or int8")
     if name == "fp16" and device == "cpu":
@@ -70,3 +78,56 @@ def resolve_dtype(dtype: str | None, device: str) -> str:
     if name == "int8" and device != "cpu":
         raise ValueError("int8 runs on CPU; on CUDA use fp16 or bf16")
     return name
+
+
+def auto_dtype(device: str) -> tuple[str, str]:
+    """What `dtype=auto` runs on `device`, and why (for the log).
+
+    CUDA: bf16 where the GPU has it (Ampere and later), else fp16. CPU: bf16 when the CPU has native bf16
+    (AVX512-BF16 / AMX) and a bf16 matrix product measured here is at least BF16_MIN_SPEEDUP x the fp32
+    one, else fp32, the exact path. int8 is never automatic: it changes results more than bf16 does.
+    """
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", "this GPU has bf16 tensor cores"
+        return "fp16", "this GPU has no bf16 tensor cores"
+    return _cpu_auto_dtype()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_auto_dtype() -> tuple[str, str]:
+    # Cached: the measurement is of the machine, which does not change while the process runs.
+    return choose_cpu_dtype(cpu_has_native_bf16(), matmul_rate)
+
+
+def choose_cpu_dtype(native_bf16: bool, rate: Callable[[torch.dtype], float]) -> tuple[str, str]:
+    """bf16 only on native-bf16 CPUs where `rate` (FLOP/s) shows it BF16_MIN_SPEEDUP x faster than fp32."""
+    if not native_bf16:
+        return "fp32", "this CPU has no native bf16 (AVX512-BF16 or AMX): fp32, the exact path, is fastest"
+    speedup = rate(torch.bfloat16) / rate(torch.float32)
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", f"bf16 matrix products measured {speedup:.1f}x fp32 on this CPU"
+    return "fp32", f"bf16 matrix products measured only {speedup:.1f}x fp32 on this CPU"
+
+
+def matmul_rate(dtype: torch.dtype, rows: int = 256, size: int = 1024, repeats: int = 3) -> float:
+    """FLOP/s of one [rows, size] x [size, 4 size] product in `dtype` on this CPU, through the same kernel
+    the torch backend uses (oneDNN with a pre-packed weight where there is one); best of `repeats`."""
+    from bgeserve.runtime.cpu_linear import PackedWeightLinear, onednn_linear_available
+
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(size, 4 * size).to(dtype)
+    x = torch.randn(rows, size, generator=gen).to(dtype)
+    run: Callable[[torch.Tensor], torch.Tensor] = linear
+    if onednn_linear_available():
+        # Without a oneDNN kernel for this dtype here, torch's default one is what runs.
+        with contextlib.suppress(RuntimeError):
+            run = PackedWeightLinear(linear)
+    best = float("inf")
+    with torch.inference_mode():
+        run(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(x)
+            best = min(best, time.perf_counter() - start)
+    return 2 * rows * size * 4 * size / max(best, 1e-9)

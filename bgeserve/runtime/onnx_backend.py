@@ -5,22 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bgeserve.errors import DeviceUnavailable
 from bgeserve.models.checkpoint import Checkpoint
-from bgeserve.models.heads import lexical_weights
+from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
 from bgeserve.runtime.devices import resolve_device
-from bgeserve.runtime.onnx_export import (
-    COLBERT,
-    DENSE,
-    DENSE_NORMALIZED,
-    HIDDEN,
-    TOKEN_WEIGHTS,
-    ensure_onnx_model,
-)
+from bgeserve.runtime.onnx_export import COLBERT, HIDDEN, TOKEN_WEIGHTS, ensure_onnx_model, packed_inputs
+from bgeserve.runtime.packed_outputs import PackedResult, items_from_packed
 
 log = logging.getLogger(__name__)
 
@@ -123,38 +116,13 @@ class OnnxBackend:
         self.capabilities.require(want, self.checkpoint.name)
         if not batch:
             return []
-        lengths = [len(ids) for ids in batch]
-        ids = np.full((len(batch), max(lengths)), self._pad_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-        names = []
-        if want.dense:
-            names.append(DENSE_NORMALIZED if want.normalize_dense else DENSE)
-        if want.sparse:
-            names.append(TOKEN_WEIGHTS)
-        if want.colbert:
-            names.append(COLBERT)
-        if want.token_embeddings:
-            names.append(HIDDEN)
-        items = [ItemOutput(num_tokens=n) for n in lengths]
-        if not names:
-            return items
-        results = dict(zip(names, self.session.run(names, {"input_ids": ids, "attention_mask": mask}), strict=True))
-        if want.dense:
-            dense = results[names[0]]
-            for item, vec in zip(items, dense.astype(np.float32, copy=False), strict=True):
-                item.dense = vec
-        if want.sparse:
-            weights = torch.from_numpy(results[TOKEN_WEIGHTS])
-            per_item = lexical_weights(weights, torch.from_numpy(ids), torch.from_numpy(mask), self._unused_ids)
-            for item, lw in zip(items, per_item, strict=True):
-                item.lexical_weights = lw
-        if want.colbert:
-            for item, v in zip(items, results[COLBERT], strict=True):
-                item.colbert = np.ascontiguousarray(v[: item.num_tokens - 1], dtype=np.float32)
-        if want.token_embeddings:
-            for item, h in zip(items, results[HIDDEN], strict=True):
-                item.token_embeddings = np.ascontiguousarray(h[: item.num_tokens], dtype=np.float32)
-        return items
+        packed = PackedBatch.from_sequences(batch)
+        feed = {name: t.numpy() for name, t in packed_inputs(packed, self.checkpoint.config).items()}
+        names = [HIDDEN] + [TOKEN_WEIGHTS] * want.sparse + [COLBERT] * want.colbert
+        outputs = dict(zip(names, self.session.run(names, feed), strict=True))
+        result = PackedResult(
+            hidden=torch.from_numpy(outputs[HIDDEN]),
+            token_weights=torch.from_numpy(outputs[TOKEN_WEIGHTS]) if want.sparse else None,
+            colbert=torch.from_numpy(outputs[COLBERT]) if want.colbert else None,
+        )
+        return items_from_packed(packed, result, want, self.checkpoint.pooling, self._pad_id, self._unused_ids)

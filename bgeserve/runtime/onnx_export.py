@@ -1,12 +1,20 @@
 """Exports our EmbeddingModel (encoder + every head) to one ONNX graph, quantises it, and caches both.
 
-The graph takes `input_ids` and `attention_mask` (int64, [batch, seq], both axes dynamic) and returns:
+The graph runs packed batches (no projection FLOP on padding), like the torch backend. Inputs, all
+int64 with dynamic axes (see models.packed.PackedBatch for how they are made):
 
-- `last_hidden_state` [batch, seq, hidden]
-- `dense` [batch, hidden]: pooled as the checkpoint says (CLS or masked mean), not normalised
-- `dense_normalized` [batch, hidden]: the same, L2-normalised (F.normalize, eps 1e-12)
-- `token_weights` [batch, seq]: relu(sparse_linear(H)), only when the checkpoint has the sparse head
-- `colbert` [batch, seq - 1, dim]: colbert_linear(H[:, 1:]) L2-normalised, only with the ColBERT head
+- `input_ids`, `position_ids` [tokens]: every sequence's ids back to back, and their position ids
+- `gather_index`, `attention_mask` [batch, seq]: the padded layout attention runs in
+- `scatter_index` [tokens]: each token's place in that layout
+
+Outputs, one row per token:
+
+- `last_hidden_state` [tokens, hidden]
+- `token_weights` [tokens]: relu(sparse_linear(H)), only when the checkpoint has the sparse head
+- `colbert` [tokens, dim]: colbert_linear(H) L2-normalised, only with the ColBERT head (CLS rows included)
+
+Pooling, lexical weights and splitting per sequence happen on the host (runtime.packed_outputs), as for
+the torch backend.
 
 Exported files are cached in `<model dir>/bgeserve-onnx/` when that directory is writable, else in a
 cache directory, under a key made of each source file's name, size and mtime (no hashing of gigabytes
@@ -21,29 +29,28 @@ import os
 import shutil
 import tempfile
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bgeserve.models.checkpoint import Checkpoint
+from bgeserve.models.config import EncoderConfig
 from bgeserve.models.embedding_model import EmbeddingModel
-from bgeserve.models.heads import colbert_vectors, pool_dense, token_weights
+from bgeserve.models.encoder import packed_positions
+from bgeserve.models.heads import token_weights
+from bgeserve.models.packed import PackedBatch, gathered_attention
 
 log = logging.getLogger(__name__)
 
 # Bump whenever the exported graph changes (outputs, ops, quantisation recipe): old caches are ignored.
-EXPORTER_VERSION = "bgeserve-onnx-1"
+EXPORTER_VERSION = "bgeserve-onnx-2-packed"
 OPSET = 17
-INPUT_NAMES = ("input_ids", "attention_mask")
-HIDDEN, DENSE, DENSE_NORMALIZED, TOKEN_WEIGHTS, COLBERT = (
-    "last_hidden_state",
-    "dense",
-    "dense_normalized",
-    "token_weights",
-    "colbert",
-)
+INPUT_NAMES = ("input_ids", "position_ids", "gather_index", "attention_mask", "scatter_index")
+HIDDEN, TOKEN_WEIGHTS, COLBERT = "last_hidden_state", "token_weights", "colbert"
 MODEL_FILE = "model.onnx"
 # Weights always go to one side file: the ONNX protobuf itself cannot exceed 2 GB (bge-m3 is 2.27 GB).
 DATA_FILE = "model.onnx.data"
@@ -60,28 +67,47 @@ def default_cache_dir() -> Path:
 class ExportGraph(nn.Module):
     """What gets traced: the encoder and every head the checkpoint has, in one forward."""
 
-    def __init__(self, model: EmbeddingModel, pooling: str) -> None:
+    def __init__(self, model: EmbeddingModel) -> None:
         super().__init__()
         self.model = model
-        self.pooling = pooling
 
     def output_names(self) -> list[str]:
-        names = [HIDDEN, DENSE, DENSE_NORMALIZED]
+        names = [HIDDEN]
         if self.model.sparse_linear is not None:
             names.append(TOKEN_WEIGHTS)
         if self.model.colbert_linear is not None:
             names.append(COLBERT)
         return names
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        hidden = self.model(input_ids, attention_mask)
-        dense = pool_dense(hidden, attention_mask, self.pooling, normalize=False)
-        outputs = [hidden, dense, torch.nn.functional.normalize(dense, dim=-1)]
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        gather_index: torch.Tensor,
+        attention_mask: torch.Tensor,
+        scatter_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        attend = partial(
+            gathered_attention, gather_index=gather_index, attention_mask=attention_mask, scatter_index=scatter_index
+        )
+        hidden = self.model.encoder.encode_tokens(input_ids, position_ids, attend)
+        outputs = [hidden]
         if self.model.sparse_linear is not None:
             outputs.append(token_weights(hidden, self.model.sparse_linear))
         if self.model.colbert_linear is not None:
-            outputs.append(colbert_vectors(hidden, self.model.colbert_linear))
+            outputs.append(F.normalize(self.model.colbert_linear(hidden), dim=-1))
         return tuple(outputs)
+
+
+def packed_inputs(batch: PackedBatch, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
+    """The graph's inputs for a packed batch (CPU tensors, int64)."""
+    return {
+        "input_ids": batch.ids,
+        "position_ids": packed_positions(batch, cfg),
+        "gather_index": batch.gather_index(),
+        "attention_mask": batch.mask(),
+        "scatter_index": batch.scatter_index(),
+    }
 
 
 def _source_files(checkpoint: Checkpoint) -> list[Path]:
@@ -93,9 +119,9 @@ def _source_files(checkpoint: Checkpoint) -> list[Path]:
 
 
 def cache_key(checkpoint: Checkpoint) -> str:
-    """Key of an export: source files' name + size + mtime, exporter and torch versions, opset, pooling."""
+    """Key of an export: source files' name + size + mtime, exporter and torch versions, opset."""
     digest = hashlib.sha256()
-    for part in (EXPORTER_VERSION, torch.__version__, str(OPSET), checkpoint.pooling):
+    for part in (EXPORTER_VERSION, torch.__version__, str(OPSET)):
         digest.update(part.encode() + b"\0")
     for file in _source_files(checkpoint):
         stat = file.stat()
@@ -195,20 +221,15 @@ def export_onnx(checkpoint: Checkpoint, path: Path, model: EmbeddingModel | None
     """Traces the fp32 model with torch's TorchScript exporter and writes `path` + `model.onnx.data`."""
     import onnx
 
-    graph = ExportGraph(model if model is not None else EmbeddingModel(checkpoint), checkpoint.pooling)
+    graph = ExportGraph(model if model is not None else EmbeddingModel(checkpoint))
     graph = graph.float().eval()
     names = graph.output_names()
-    # Two rows, one padded: the traced graph must not specialise on "no padding".
+    # Two sequences of different lengths: the traced graph must not specialise on "no padding".
     cfg = checkpoint.config
-    ids = torch.full((2, 8), cfg.pad_token_id, dtype=torch.long)
-    ids[:, 0] = 0
-    ids[0, 1:7] = torch.arange(5, 11) % cfg.vocab_size
-    ids[1, 1:3] = torch.arange(5, 7) % cfg.vocab_size
-    mask = (torch.arange(8)[None, :] < torch.tensor([[8], [4]])).long()
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
-    axes |= {name: {0: "batch"} for name in (DENSE, DENSE_NORMALIZED)}
-    axes |= {name: {0: "batch", 1: "seq"} for name in (HIDDEN, TOKEN_WEIGHTS)}
-    axes[COLBERT] = {0: "batch", 1: "seq_minus_1"}
+    sample = PackedBatch.from_sequences([[0, 5, 6, 7, 8, 9, 10, 2], [0, 5, 6, 2]])
+    inputs = packed_inputs(sample, cfg)
+    axes = {name: {0: "tokens"} for name in ("input_ids", "position_ids", "scatter_index", *names)}
+    axes |= {name: {0: "batch", 1: "seq"} for name in ("gather_index", "attention_mask")}
     raw_dir = path.parent / "raw"
     raw_dir.mkdir()
     log.info("exporting %s to ONNX (opset %d) ...", checkpoint.name, OPSET)
@@ -218,12 +239,12 @@ def export_onnx(checkpoint: Checkpoint, path: Path, model: EmbeddingModel | None
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph,
-            (ids, mask),
+            tuple(inputs[name] for name in INPUT_NAMES),
             str(raw_dir / MODEL_FILE),
             dynamo=False,
             input_names=list(INPUT_NAMES),
             output_names=names,
-            dynamic_axes={k: v for k, v in axes.items() if k in names or k in INPUT_NAMES},
+            dynamic_axes=axes,
             opset_version=OPSET,
             do_constant_folding=True,
         )
@@ -251,7 +272,6 @@ def quantize_int8(source: Path, path: Path, signed_weights: bool = False, keep_f
     the sparse weights are the output most hurt by int8. `keep_fp32`: more node-name parts to leave fp32.
     """
     import onnx
-    from onnx import numpy_helper
 
     proto = onnx.load(str(source), load_external_data=True)
     graph = proto.graph
@@ -262,12 +282,16 @@ def quantize_int8(source: Path, path: Path, signed_weights: bool = False, keep_f
             uses[name] = uses.get(name, 0) + 1
     nodes, added, dropped = [], [], set()
     for index, node in enumerate(graph.node):
-        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or len(weight.dims) != 2 or _is_head(node.name) or any(p in node.name for p in keep_fp32):
+        weight = _weight_of(node, inits)
+        if weight is None or _is_head(node.name) or any(p in node.name for p in keep_fp32):
             nodes.append(node)
             continue
-        w = numpy_helper.to_array(weight).astype(np.float32)
-        nodes += _int8_matmul_nodes(f"q8_{index}", node.input[0], node.output[0], w, signed_weights, added)
+        prefix = f"q8_{index}"
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        product = f"{prefix}/product" if bias else node.output[0]
+        nodes += _int8_matmul_nodes(prefix, node.input[0], product, weight, signed_weights, added)
+        if bias:
+            nodes.append(onnx.helper.make_node("Add", [product, bias], [node.output[0]]))
         if uses[node.input[1]] == 1:
             dropped.add(node.input[1])
     kept = [t for t in graph.initializer if t.name not in dropped]
@@ -280,6 +304,25 @@ def quantize_int8(source: Path, path: Path, signed_weights: bool = False, keep_f
     proto.producer_version = f"{EXPORTER_VERSION}-int8"
     _save_with_one_data_file(proto, path)
     return path
+
+
+def _weight_of(node, inits: dict) -> np.ndarray | None:  # noqa: ANN001 - an onnx NodeProto
+    """The [K, N] weight of a MatMul / Gemm (x @ W + b, as torch exports linear layers) with a constant
+    2-D weight, else None."""
+    from onnx import helper, numpy_helper
+
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    weight = inits[node.input[1]]
+    if len(weight.dims) != 2:
+        return None
+    w = numpy_helper.to_array(weight).astype(np.float32)
+    if node.op_type == "MatMul":
+        return w
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return None
+    return w.T if attrs.get("transB", 0) else w
 
 
 def _is_head(node_name: str) -> bool:

@@ -7,22 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
-from bgeserve.models.heads import (
-    colbert_vectors,
-    colbert_vectors_packed,
-    lexical_weights,
-    pool_dense,
-    pool_dense_packed,
-    token_weights,
-)
+from bgeserve.models.heads import colbert_vectors, lexical_weights, pool_dense, token_weights
 from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
 from bgeserve.runtime.cpu_linear import pack_encoder_linears
-from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
+from bgeserve.runtime.devices import DTYPES, auto_dtype, resolve_device, resolve_dtype
 from bgeserve.runtime.int8 import quantize_encoder_int8
+from bgeserve.runtime.packed_outputs import PackedResult, items_from_packed
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +39,8 @@ class TorchBackend:
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if (dtype or "auto").strip().lower() == "auto":
+            log.info("dtype auto -> %s on %s: %s", self.dtype, self.device, auto_dtype(self.device)[1])
         if threads:
             torch.set_num_threads(threads)
         self.checkpoint = checkpoint
@@ -93,23 +90,12 @@ class TorchBackend:
     def _run_packed(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
         packed = PackedBatch.from_sequences(batch, self.device)
         hidden = self.model.forward_packed(packed)
-        items = [ItemOutput(num_tokens=n) for n in packed.lengths]
-        if want.dense:
-            dense = pool_dense_packed(hidden, packed, self.checkpoint.pooling, want.normalize_dense)
-            for item, vec in zip(items, _to_numpy(dense), strict=True):
-                item.dense = vec
+        result = PackedResult(hidden)
         if want.sparse:
-            weights = packed.pad(token_weights(hidden, self.model.sparse_linear))
-            ids, mask = packed.pad(packed.ids, self._pad_id), packed.mask()
-            for item, lw in zip(items, lexical_weights(weights, ids, mask, self._unused_ids), strict=True):
-                item.lexical_weights = lw
+            result.token_weights = token_weights(hidden, self.model.sparse_linear)
         if want.colbert:
-            for item, v in zip(items, colbert_vectors_packed(hidden, packed, self.model.colbert_linear), strict=True):
-                item.colbert = _to_numpy(v)
-        if want.token_embeddings:
-            for item, h in zip(items, hidden.split(packed.lengths), strict=True):
-                item.token_embeddings = _to_numpy(h)
-        return items
+            result.colbert = F.normalize(self.model.colbert_linear(hidden), dim=-1)
+        return items_from_packed(packed, result, want, self.checkpoint.pooling, self._pad_id, self._unused_ids)
 
     def _run_padded(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
         lengths = [len(ids) for ids in batch]

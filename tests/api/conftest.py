@@ -75,7 +75,7 @@ class Server:
 def minilm_server(tmp_path_factory) -> Iterator[Server]:
     """The bundled MiniLM (no --model), behind an API key."""
     server = Server(
-        ["--devices", "cpu", "--api-key", API_KEY, "--served-model-name", "minilm"],
+        ["--devices", "cpu", "--dtype", "fp32", "--api-key", API_KEY, "--served-model-name", "minilm"],
         tmp_path_factory.mktemp("logs") / "minilm.log",
     )
     yield server
@@ -86,7 +86,7 @@ def minilm_server(tmp_path_factory) -> Iterator[Server]:
 def m3_server(m3_checkpoint, tmp_path_factory) -> Iterator[Server]:
     """The tiny bge-m3 on two CPU replicas, configured through environment variables."""
     server = Server(
-        ["--model", str(m3_checkpoint)],
+        ["--model", str(m3_checkpoint), "--dtype", "fp32"],
         tmp_path_factory.mktemp("logs") / "m3.log",
         env={"DEVICE": "cpu", "BGESERVE_REPLICAS_PER_DEVICE": "2", "BGESERVE_BATCH_WAIT_MS": "5"},
     )
@@ -99,14 +99,14 @@ def m3_embedder(m3_checkpoint):
     """The same tiny bge-m3 in process, for 'embedded alone' references."""
     from bgeserve.embedder import Embedder
 
-    return Embedder(model=str(m3_checkpoint), device="cpu", threads=1)
+    return Embedder(model=str(m3_checkpoint), device="cpu", dtype="fp32", threads=1)
 
 
 @pytest.fixture(scope="session")
 def minilm_embedder(minilm_path):
     from bgeserve.embedder import Embedder
 
-    return Embedder(model=str(minilm_path), device="cpu", threads=1)
+    return Embedder(model=str(minilm_path), device="cpu", dtype="fp32", threads=1)
 
 
 def read_texts() -> list[str]:

@@ -47,9 +47,10 @@ def test_cuda_matches_cpu_fp32_without_nan(m3, dtype):
         assert all(np.isfinite(v) for v in b.lexical_weights.values())
 
 
-def test_auto_dtype_is_fp16_on_cuda(m3_checkpoint):
+def test_auto_dtype_is_bf16_on_cuda_where_supported(m3_checkpoint):
     model = Embedder(str(m3_checkpoint), device="cuda")
-    assert model.device == "cuda:0" and model.dtype == "fp16"
+    expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    assert model.device == "cuda:0" and model.dtype == expected
 
 
 def test_replicas_on_every_visible_gpu(m3_checkpoint):

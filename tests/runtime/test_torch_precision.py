@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime.backend import OutputRequest
-from bgeserve.runtime.devices import resolve_dtype
+from bgeserve.runtime.devices import auto_dtype, choose_cpu_dtype, cpu_has_native_bf16, matmul_rate, resolve_dtype
 from bgeserve.runtime.torch_backend import TorchBackend
 
 CORPUS_FILE = Path(__file__).resolve().parents[2] / "bgeserve" / "data" / "mixed.txt"
@@ -81,8 +82,9 @@ def test_compiled_equals_eager(m3_checkpoint):
 
 
 def test_dtype_rules():
-    assert resolve_dtype("auto", "cpu") == "fp32"
-    assert resolve_dtype("auto", "cuda:0") == "fp16"
+    assert resolve_dtype("auto", "cpu") == auto_dtype("cpu")[0]
+    if not cpu_has_native_bf16():
+        assert auto_dtype("cpu") == ("fp32", auto_dtype("cpu")[1]) and "no native bf16" in auto_dtype("cpu")[1]
     assert resolve_dtype("bfloat16", "cpu") == "bf16"
     with pytest.raises(ValueError, match="fp16 is for CUDA"):
         resolve_dtype("fp16", "cpu")
@@ -90,3 +92,19 @@ def test_dtype_rules():
         resolve_dtype("int8", "cuda:0")
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("fp8", "cpu")
+
+
+def test_auto_picks_bf16_on_cpu_only_when_native_and_measured_faster():
+    def never(_dtype: torch.dtype) -> float:
+        raise AssertionError("no measurement without native bf16")
+
+    assert choose_cpu_dtype(False, never)[0] == "fp32"
+    rates = {torch.float32: 100e9, torch.bfloat16: 400e9}
+    dtype, why = choose_cpu_dtype(True, rates.__getitem__)
+    assert dtype == "bf16" and "4.0x" in why
+    rates[torch.bfloat16] = 110e9
+    assert choose_cpu_dtype(True, rates.__getitem__)[0] == "fp32"
+
+
+def test_matmul_rate_measures_this_cpu():
+    assert matmul_rate(torch.float32, rows=16, size=64, repeats=1) > 1e6

@@ -1,0 +1,59 @@
+"""Per-sequence results from a packed forward pass: the same post-processing for every backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bgeserve.models.heads import lexical_weights, pool_dense_packed
+from bgeserve.models.packed import PackedBatch
+from bgeserve.runtime.backend import ItemOutput, OutputRequest
+
+
+@dataclass
+class PackedResult:
+    """What a backend computed for a packed batch, one row per token (host or device tensors)."""
+
+    hidden: torch.Tensor  # [T, hidden] last hidden state
+    token_weights: torch.Tensor | None = None  # [T] relu(sparse_linear(H)), when sparse was asked for
+    colbert: torch.Tensor | None = None  # [T, dim] normalised colbert_linear(H), CLS rows included
+
+
+def items_from_packed(
+    batch: PackedBatch,
+    result: PackedResult,
+    want: OutputRequest,
+    pooling: str,
+    pad_id: int,
+    unused_ids: torch.Tensor,
+) -> list[ItemOutput]:
+    """Pools, builds lexical weights, drops each sequence's CLS row from its ColBERT vectors, splits."""
+    items = [ItemOutput(num_tokens=n) for n in batch.lengths]
+    if want.dense:
+        dense = pool_dense_packed(result.hidden, batch, pooling, want.normalize_dense)
+        for item, vec in zip(items, _to_numpy(dense), strict=True):
+            item.dense = vec
+    if want.sparse:
+        if result.token_weights is None:
+            raise ValueError("sparse output asked for but no token weights computed")
+        weights = batch.pad(result.token_weights)
+        per_item = lexical_weights(weights, batch.pad(batch.ids, pad_id), batch.mask(), unused_ids)
+        for item, lw in zip(items, per_item, strict=True):
+            item.lexical_weights = lw
+    if want.colbert:
+        if result.colbert is None:
+            raise ValueError("ColBERT output asked for but no ColBERT vectors computed")
+        rows = _to_numpy(result.colbert)
+        for item, start in zip(items, batch.starts.tolist(), strict=True):
+            item.colbert = rows[start + 1 : start + item.num_tokens]
+    if want.token_embeddings:
+        rows = _to_numpy(result.hidden)
+        for item, start in zip(items, batch.starts.tolist(), strict=True):
+            item.token_embeddings = rows[start : start + item.num_tokens]
+    return items
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.float().cpu().numpy()
