@@ -138,6 +138,22 @@ def test_int8_runs_every_output_on_m3(m3_checkpoint, onnx_cache):
         assert a.lexical_weights[top] == pytest.approx(b.lexical_weights[top], rel=0.1)
 
 
+def test_int8_keeps_top_sparse_tokens(m3_checkpoint, onnx_cache):
+    """The issue's sparse bar: each text's 10 heaviest tokens stay (nearly) the same under int8."""
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    ids = ckpt.tokenizer.encode(_corpus()[:64], max_length=128).ids
+    want = OutputRequest(dense=False, sparse=True)
+    exact = OnnxBackend(ckpt, cache_dir=onnx_cache).run(ids, want)
+    quantized = OnnxBackend(ckpt, dtype="int8", cache_dir=onnx_cache).run(ids, want)
+
+    def top(weights: dict[str, float]) -> set[str]:
+        return set(sorted(weights, key=weights.get, reverse=True)[:10])
+
+    overlap = [len(top(a.lexical_weights) & top(b.lexical_weights)) / max(1, len(top(a.lexical_weights)))
+               for a, b in zip(exact, quantized, strict=True)]
+    assert np.mean(overlap) >= 0.9 and min(overlap) >= 0.6
+
+
 def test_int8_weights_are_int8(m3_checkpoint, onnx_cache):
     ckpt = load_checkpoint(str(m3_checkpoint))
     fp32 = onnx_export.ensure_onnx_model(ckpt, "fp32", onnx_cache)

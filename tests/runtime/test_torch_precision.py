@@ -42,8 +42,9 @@ def test_int8_keeps_neighbours_on_real_minilm(minilm_corpus):
     ckpt, ids, exact = minilm_corpus
     quantized, _ = _dense(TorchBackend(ckpt, dtype="int8"), ids)
     cosine = (quantized * exact).sum(1)
-    # Measured 0.983 min / 0.927 overlap; naive per-tensor dynamic int8 gives 0.76 / 0.69 here.
-    assert cosine.min() >= 0.975
+    # Measured 0.9947 min / 0.946 overlap (0.987 / 0.93 with rows scaled symmetrically); naive per-tensor
+    # dynamic int8 gives 0.76 / 0.69 here.
+    assert cosine.min() >= 0.99
     assert _knn_overlap(exact, quantized) >= 0.9
 
 
