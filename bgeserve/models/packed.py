@@ -8,6 +8,7 @@ to the matrix products), and a padded SDPA over scattered rows on CUDA in fp32 w
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +80,12 @@ def packed_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     total = qkv.shape[0]
     if qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None:
         q, k, v = qkv.unbind(1)
-        out = _varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_len, batch.max_len)
-        return out.reshape(total, -1)
+        try:
+            out = _varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_len, batch.max_len)
+            return out.reshape(total, -1)
+        except (RuntimeError, NotImplementedError) as exc:
+            # e.g. a GPU or head size FlashAttention has no kernel for: the padded path gives the same result.
+            warnings.warn(f"varlen attention unavailable here ({exc}); using padded SDPA", RuntimeWarning, stacklevel=2)
     if qkv.is_cuda:
         return padded_attention(qkv, batch)
     return per_sequence_attention(qkv, batch)
