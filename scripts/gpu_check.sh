@@ -130,7 +130,7 @@ if [ -f "$CKPT/config.json" ]; then
     # on the full model) cannot eat the time of the CUDA rows.
     read -r -a bench_extra <<<"${BENCH_ARGS---limit 64 --repeats 2 --timeout 45}"
     step bench 160 "$OUT/bench.log" "${BG[@]}" bench --model "$CKPT" \
-        --configs cpu-fp32,cuda-fp16,cuda-bf16 --json "$OUT/bench.json" "${bench_extra[@]}"
+        --configs cpu-fp32,cuda-fp16,cuda-bf16 --compare flagembedding-fp16 --json "$OUT/bench.json" "${bench_extra[@]}"
     if [ "$LAST_RC" -eq 2 ] && [ "${#bench_extra[@]}" -gt 0 ]; then
         # An older bench without those options: the plain command.
         unset 'SUMMARY[-1]'

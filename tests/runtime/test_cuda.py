@@ -78,3 +78,23 @@ def test_replicas_on_every_visible_gpu(m3_checkpoint):
 
     got = asyncio.run(run())
     assert (got * expected).sum(1).min() >= 0.9999
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_packed_attention_on_cuda_equals_the_cpu_loop(dtype):
+    """fp16/bf16 go through FlashAttention's varlen kernel, fp32 through the padded fallback: both keep to
+    each sequence exactly as the CPU's one-SDPA-per-sequence loop does."""
+    import warnings
+
+    from bgeserve.models.packed import PackedBatch, packed_attention, per_sequence_attention
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [7, 1, 300, 12, 64]
+    batch = PackedBatch.from_sequences([[5] * n for n in lengths])
+    qkv = torch.randn(sum(lengths), 3, 16, 64, generator=gen)
+    reference = per_sequence_attention(qkv, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a silent fallback from varlen would hide a broken fast path
+        got = packed_attention(qkv.cuda().to(dtype), PackedBatch.from_sequences([[5] * n for n in lengths], "cuda"))
+    tolerance = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(got.float().cpu(), reference, atol=tolerance, rtol=tolerance)
