@@ -63,7 +63,7 @@ def serve(args: argparse.Namespace) -> int:
     except (BgeServeError, ValueError) as exc:
         print(f"bgeserve serve: error: {exc}", file=sys.stderr)
         return 1
-    if settings.max_batch_tokens < engine.max_length:
+    if settings.max_batch_tokens is not None and settings.max_batch_tokens < engine.max_length:
         log.warning(
             "--max-batch-tokens %d is below the model's limit of %d tokens: longest inputs run alone",
             settings.max_batch_tokens,

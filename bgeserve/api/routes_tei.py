@@ -161,7 +161,7 @@ async def info(svc: ServiceDep) -> dict:
         "model_type": {"embedding": {"pooling": getattr(engine.checkpoint, "pooling", "cls")}},
         "max_concurrent_requests": settings.max_concurrent_requests,
         "max_input_length": engine.max_length,
-        "max_batch_tokens": settings.max_batch_tokens,
+        "max_batch_tokens": engine.config.max_batch_tokens,
         "max_batch_requests": settings.max_batch_requests,
         "max_client_batch_size": settings.max_client_batch_size,
         "auto_truncate": settings.auto_truncate,

@@ -64,8 +64,9 @@ class ServeSettings:
     replicas_per_device: int = field(
         default=1, metadata=_flag("model replicas on the CPU (GPUs get one each)")
     )
-    max_batch_tokens: int = field(
-        default=16384, metadata=_flag("padded tokens per forward pass (items x longest item)")
+    max_batch_tokens: int | None = field(
+        default=None,
+        metadata=_flag("padded tokens per forward pass (items x longest item); default 16384 on GPUs, 2048 on CPU"),
     )
     max_batch_requests: int | None = field(
         default=None, metadata=_flag("inputs per forward pass (default: bounded by the token budget only)")
@@ -91,7 +92,6 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         positive = (
-            "max_batch_tokens",
             "max_client_batch_size",
             "max_concurrent_requests",
             "payload_limit",
@@ -101,7 +101,7 @@ class ServeSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{_dash(name)} must be at least 1, not {getattr(self, name)}")
-        for name in ("threads", "max_batch_requests"):
+        for name in ("threads", "max_batch_tokens", "max_batch_requests"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise SettingsError(f"--{_dash(name)} must be at least 1, not {value}")

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from bgeserve.engine.errors import EmptyInput, RequestTimedOut, ShuttingDown
@@ -22,11 +22,23 @@ if TYPE_CHECKING:
 
 
 
+# Token budget per forward pass when none is set. GPUs need big batches to fill the card. On the CPU,
+# packed batches keep the same throughput from 1k to 16k tokens (measured on the full-size bge-m3, 1.58-1.61
+# texts/s), so a small budget costs nothing and spares a request queued behind a batch most of the wait.
+GPU_BATCH_TOKENS = 16384
+CPU_BATCH_TOKENS = 2048
+
+
+def default_batch_tokens(backends: Sequence[Backend]) -> int:
+    """GPU_BATCH_TOKENS when any replica runs on a GPU, else CPU_BATCH_TOKENS."""
+    return GPU_BATCH_TOKENS if any(b.device.startswith("cuda") for b in backends) else CPU_BATCH_TOKENS
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The engine's knobs (the HTTP layer builds this from its settings)."""
 
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None  # None: default_batch_tokens() for the replicas' devices
     max_batch_requests: int | None = None
     max_concurrent_inputs: int = 512
     batch_wait_ms: float = 2.0
@@ -78,7 +90,10 @@ class EmbeddingEngine:
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
     ) -> None:
-        self.config = config or EngineConfig()
+        config = config or EngineConfig()
+        if config.max_batch_tokens is None:
+            config = replace(config, max_batch_tokens=default_batch_tokens(backends))
+        self.config = config
         self.checkpoint = checkpoint
         self.name: str = checkpoint.name
         self.tokenizer = checkpoint.tokenizer

@@ -21,7 +21,9 @@ def test_defaults_are_safe():
     settings = parse([])
     assert settings.host == "127.0.0.1" and settings.port == 8080
     assert settings.model is None and settings.api_key is None
-    assert settings.max_batch_tokens == 16384 and settings.max_client_batch_size == 32
+    # No budget set: the engine picks one for its devices (see tests/engine).
+    assert settings.max_batch_tokens is None and settings.max_client_batch_size == 32
+    assert parse(["--max-batch-tokens", "4096"]).max_batch_tokens == 4096
     assert settings.max_concurrent_requests == 512 and settings.payload_limit == 2_000_000
     assert settings.auto_truncate is True and settings.devices == "auto"
 

@@ -104,6 +104,7 @@ def test_info_health_and_docs(http):
     assert info["outputs"] == {"dense": True, "sparse": True, "colbert": True}
     assert info["devices"] == ["cpu/0", "cpu/1"]
     assert info["model_dtype"] == "float32"
+    assert info["max_batch_tokens"] == 2048  # the CPU default: no --max-batch-tokens given
     assert http.get("/health").json() == {"status": "ok"}
     assert http.get("/docs").status_code == 200
     assert "/encode" in http.get("/openapi.json").json()["paths"]

@@ -276,3 +276,14 @@ def test_stop_finishes_queued_work(fake_checkpoint):
     results = run(main())
     assert len(results) == 5 and all(r.outputs[0].dense is not None for r in results)
     assert not engine.healthy
+
+
+def test_token_budget_defaults_to_the_devices(fake_checkpoint):
+    """Big batches for GPUs, small ones on the CPU (where packed throughput does not depend on them);
+    a budget that is set wins."""
+    cpu = EmbeddingEngine(fake_checkpoint, [FakeBackend("cpu"), FakeBackend("cpu")])
+    assert cpu.config.max_batch_tokens == 2048 and cpu.batcher.max_batch_tokens == 2048
+    gpu = EmbeddingEngine(fake_checkpoint, [FakeBackend("cuda:0")])
+    assert gpu.config.max_batch_tokens == 16384
+    chosen = EmbeddingEngine(fake_checkpoint, [FakeBackend("cpu")], EngineConfig(max_batch_tokens=300))
+    assert chosen.config.max_batch_tokens == 300
