@@ -161,7 +161,9 @@ class TransformerEncoder(nn.Module):
         mapped = map_hf_weights(state, self.cfg.num_layers)
         # assign=True adopts the loaded tensors instead of copying them into the initialised ones: built on
         # the meta device, the module never holds a second copy of the weights.
-        missing, unexpected = self.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=False, assign=True)
+        missing, unexpected = self.load_state_dict(
+            {k: v.float() for k, v in mapped.items()}, strict=False, assign=True
+        )
         if missing or unexpected:
             raise InvalidCheckpoint(
                 f"checkpoint weights do not fit a {self.cfg.model_type} encoder: "

@@ -8,18 +8,9 @@ import torch.nn.functional as F
 from bgeserve.models.packed import PackedBatch
 
 
-def pool_dense(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
-    """Sentence vector [batch, hidden]: CLS row or masked mean, L2-normalised when asked."""
-    if pooling == "cls":
-        pooled = hidden[:, 0]
-    else:
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    return F.normalize(pooled, dim=-1) if normalize else pooled
-
-
-def pool_dense_packed(hidden: torch.Tensor, batch: PackedBatch, pooling: str, normalize: bool) -> torch.Tensor:
-    """pool_dense for packed hidden states [T, hidden] -> [batch, hidden]."""
+def pool_dense(hidden: torch.Tensor, batch: PackedBatch, pooling: str, normalize: bool) -> torch.Tensor:
+    """Sentence vectors [batch, hidden] from packed hidden states [T, hidden]: each sequence's CLS row or
+    the mean of its rows, L2-normalised when asked."""
     if pooling == "cls":
         pooled = hidden[batch.starts]
     else:
@@ -29,14 +20,8 @@ def pool_dense_packed(hidden: torch.Tensor, batch: PackedBatch, pooling: str, no
 
 
 def token_weights(hidden: torch.Tensor, sparse_linear: torch.nn.Linear) -> torch.Tensor:
-    """relu(sparse_linear(H)) per token, [batch, seq]."""
+    """relu(sparse_linear(H)) per token: [T, hidden] -> [T]."""
     return torch.relu(sparse_linear(hidden)).squeeze(-1)
-
-
-def colbert_vectors(hidden: torch.Tensor, colbert_linear: torch.nn.Linear) -> torch.Tensor:
-    """colbert_linear(H[:, 1:]), each row L2-normalised, [batch, seq - 1, dim] (padding rows included:
-    callers keep the first num_tokens - 1 rows of each item)."""
-    return F.normalize(colbert_linear(hidden[:, 1:]), dim=-1)
 
 
 def lexical_weights(

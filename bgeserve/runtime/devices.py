@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from bgeserve.errors import DeviceUnavailable
+from bgeserve.runtime.cpu_linear import PackedWeightLinear, onednn_linear_available
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 _DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "qint8": "int8"}
@@ -113,8 +114,6 @@ def choose_cpu_dtype(native_bf16: bool, rate: Callable[[torch.dtype], float]) ->
 def matmul_rate(dtype: torch.dtype, rows: int = 256, size: int = 1024, repeats: int = 3) -> float:
     """FLOP/s of one [rows, size] x [size, 4 size] product in `dtype` on this CPU, through the same kernel
     the torch backend uses (oneDNN with a pre-packed weight where there is one); best of `repeats`."""
-    from bgeserve.runtime.cpu_linear import PackedWeightLinear, onednn_linear_available
-
     gen = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(size, 4 * size).to(dtype)
     x = torch.randn(rows, size, generator=gen).to(dtype)

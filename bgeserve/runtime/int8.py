@@ -43,12 +43,9 @@ class SmoothedInt8Linear(nn.Module):
         self.register_buffer("weight_sums", self.quantized.weight().dequantize().sum(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * self.inv_scale
-        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+        rows = (x * self.inv_scale).reshape(-1, x.shape[-1])
+        lo, hi = torch.aminmax(rows, dim=-1, keepdim=True)
         span = (hi - lo).clamp(min=1e-6)
-        rows = x.reshape(-1, x.shape[-1])
-        lo = lo.reshape(-1, 1)
-        span = span.reshape(-1, 1)
         # Fewer passes over the [rows, out] result: bias + lo x weight_sums as one rank-1 addmm, then one addcmul.
         shift = torch.addmm(self.bias, lo, self.weight_sums.unsqueeze(0))
         out = torch.addcmul(shift, self.quantized((rows - lo) / span), span)

@@ -114,7 +114,6 @@ def _source_files(checkpoint: Checkpoint) -> list[Path]:
     """Every file whose change changes the exported graph."""
     files = [checkpoint.weights_file, checkpoint.path / "config.json"]
     files += [f for f in (checkpoint.sparse_head, checkpoint.colbert_head) if f is not None]
-    files += [f for f in (checkpoint.path / "1_Pooling" / "config.json",) if f.is_file()]
     return files
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bgeserve.models.heads import lexical_weights, pool_dense_packed
+from bgeserve.models.heads import lexical_weights, pool_dense
 from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime.backend import ItemOutput, OutputRequest
 
@@ -32,7 +32,7 @@ def items_from_packed(
     """Pools, builds lexical weights, drops each sequence's CLS row from its ColBERT vectors, splits."""
     items = [ItemOutput(num_tokens=n) for n in batch.lengths]
     if want.dense:
-        dense = pool_dense_packed(result.hidden, batch, pooling, want.normalize_dense)
+        dense = pool_dense(result.hidden, batch, pooling, want.normalize_dense)
         for item, vec in zip(items, _to_numpy(dense), strict=True):
             item.dense = vec
     if want.sparse:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
-from bgeserve.models.heads import colbert_vectors, lexical_weights, pool_dense, token_weights
+from bgeserve.models.heads import token_weights
 from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
 from bgeserve.runtime.cpu_linear import pack_encoder_linears
@@ -89,43 +88,22 @@ class TorchBackend:
 
     def _run_packed(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
         packed = PackedBatch.from_sequences(batch, self.device)
-        hidden = self.model.forward_packed(packed)
+        return self._outputs(packed, self.model.forward_packed(packed), want)
+
+    def _run_padded(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
+        packed = PackedBatch.from_sequences(batch, self.device)
+        extra = -(-packed.max_len // COMPILE_LENGTH_BUCKET) * COMPILE_LENGTH_BUCKET - packed.max_len
+        ids = F.pad(packed.pad(packed.ids, self._pad_id), (0, extra), value=self._pad_id)
+        mask = F.pad(packed.mask(), (0, extra))
+        # The real rows of the padded result, in packed order: from here on both layouts are one path.
+        hidden = self._forward(ids, mask)[packed.segment, packed.offset]
+        return self._outputs(packed, hidden, want)
+
+    def _outputs(self, packed: PackedBatch, hidden: torch.Tensor, want: OutputRequest) -> list[ItemOutput]:
+        """Heads on the packed hidden states [T, hidden], then pooled and split per sequence."""
         result = PackedResult(hidden)
         if want.sparse:
             result.token_weights = token_weights(hidden, self.model.sparse_linear)
         if want.colbert:
             result.colbert = F.normalize(self.model.colbert_linear(hidden), dim=-1)
         return items_from_packed(packed, result, want, self.checkpoint.pooling, self._pad_id, self._unused_ids)
-
-    def _run_padded(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
-        lengths = [len(ids) for ids in batch]
-        width = -(-max(lengths) // COMPILE_LENGTH_BUCKET) * COMPILE_LENGTH_BUCKET
-        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        ids_dev, mask_dev = ids.to(self.device), mask.to(self.device)
-        hidden = self._forward(ids_dev, mask_dev)
-        items = [ItemOutput(num_tokens=n) for n in lengths]
-        if want.dense:
-            dense = pool_dense(hidden, mask_dev, self.checkpoint.pooling, want.normalize_dense)
-            for item, vec in zip(items, _to_numpy(dense), strict=True):
-                item.dense = vec
-        if want.sparse:
-            weights = token_weights(hidden, self.model.sparse_linear)
-            for item, lw in zip(items, lexical_weights(weights, ids, mask, self._unused_ids), strict=True):
-                item.lexical_weights = lw
-        if want.colbert:
-            vecs = _to_numpy(colbert_vectors(hidden, self.model.colbert_linear))
-            for item, v in zip(items, vecs, strict=True):
-                item.colbert = np.ascontiguousarray(v[: item.num_tokens - 1])
-        if want.token_embeddings:
-            states = _to_numpy(hidden)
-            for item, h in zip(items, states, strict=True):
-                item.token_embeddings = np.ascontiguousarray(h[: item.num_tokens])
-        return items
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.float().cpu().numpy()
