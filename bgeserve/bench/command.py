@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--baseline", help="config the speed-up column divides by "
                      "(default: cpu-fp32-t1 when listed, else the first that ran)")
     off.add_argument("--compare", default="", help="peers on the same texts: flagembedding, transformers, "
-                     "onnxruntime (each in every precision it offers) or single rows (transformers-int8)")
+                     "onnxruntime, bgelite (bge-m3-lite) (each in every precision it offers) or single rows "
+                     "(transformers-int8)")
     off.add_argument("--outputs", choices=["dense", "all"], default="dense",
                      help="all = dense + sparse + ColBERT (default: dense)")
     off.add_argument("--max-length", type=int, default=512, help="truncate texts to this many tokens (512)")

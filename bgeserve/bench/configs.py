@@ -2,6 +2,7 @@
 
 A name is `KIND-DTYPE[-tN]`. KIND `cpu`/`cuda` is bgeserve's torch backend, `onnx` bgeserve's ONNX
 backend; `flagembedding`, `transformers` and `onnxruntime` are the peers run for comparison.
+`bgelite` is bge-m3-lite (onnxruntime with its own tokenizer, pooling and token-budget batching).
 `-tN` runs with N intra-op threads (torch or onnxruntime); without it, the library's default.
 """
 
@@ -12,7 +13,7 @@ import inspect
 from dataclasses import dataclass, field
 
 OURS = ("cpu", "cuda", "onnx")
-PEERS = ("flagembedding", "transformers", "onnxruntime")
+PEERS = ("flagembedding", "transformers", "onnxruntime", "bgelite")
 # Precisions each kind offers, in the order `--compare KIND` expands them.
 DTYPES: dict[str, tuple[str, ...]] = {
     "cpu": ("fp32", "bf16", "int8"),
@@ -21,13 +22,18 @@ DTYPES: dict[str, tuple[str, ...]] = {
     "flagembedding": ("fp32", "fp16"),
     "transformers": ("fp32", "bf16", "int8"),
     "onnxruntime": ("fp32", "int8"),
+    "bgelite": ("fp32", "int8"),
 }
-# The Python package each peer needs.
+# The Python package each peer needs (import name), and what to `pip install` when it is missing.
 PEER_PACKAGES = {
     "flagembedding": "FlagEmbedding",
     "transformers": "transformers",
     "onnxruntime": "onnxruntime",
+    "bgelite": "bge_m3_lite",
 }
+PIP_NAMES = {"bge_m3_lite": "bge-m3-lite"}
+# Peers that compute bge-m3's sparse and ColBERT outputs too (the others give dense vectors only).
+ALL_OUTPUT_PEERS = ("flagembedding", "bgelite")
 DEFAULT_CONFIGS = "cpu-fp32-t1,cpu-fp32,cpu-bf16,cpu-int8,onnx-fp32,onnx-int8,cuda-fp16,cuda-bf16"
 
 
@@ -157,8 +163,8 @@ def skip_reason(
     if config.is_peer:
         package = PEER_PACKAGES[config.kind]
         if package not in facts.packages:
-            return f"{package} is not installed (pip install {package})"
-        if outputs == "all" and config.kind != "flagembedding":
+            return f"{package} is not installed (pip install {PIP_NAMES.get(package, package)})"
+        if outputs == "all" and config.kind not in ALL_OUTPUT_PEERS:
             return "this peer computes dense vectors only (no sparse or ColBERT heads)"
     if config.device.startswith("cuda"):
         if not facts.cuda:

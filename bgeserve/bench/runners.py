@@ -2,14 +2,16 @@
 
 bgeserve's rows go through `Embedder`; the peers are written the way their users write them
 (FlagEmbedding's BGEM3FlagModel; transformers AutoModel with CLS pooling over length-sorted batches;
-onnxruntime on a plain `torch.onnx.export` of that AutoModel), so a ratio in the table compares
-bgeserve against what people run today.
+onnxruntime on a plain `torch.onnx.export` of that AutoModel; bge-m3-lite on that same export), so a
+ratio in the table compares bgeserve against what people run today.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ def open_encoder(config: BenchConfig, settings: RunSettings) -> EncodeFn:
         "flagembedding": _flagembedding,
         "transformers": _transformers,
         "onnxruntime": _onnxruntime,
+        "bgelite": _bgelite,
     }
     return openers[config.kind](config, settings, threads)
 
@@ -173,6 +176,62 @@ def _onnxruntime(config: BenchConfig, settings: RunSettings, threads: int) -> En
         return out
 
     return encode
+
+
+# What bge-m3-lite reads from a bge-m3 folder besides the backbone graph.
+BGELITE_FILES = ("sentencepiece.bpe.model", "sparse_linear.pt", "colbert_linear.pt")
+
+
+def _bgelite(config: BenchConfig, settings: RunSettings, threads: int) -> EncodeFn:
+    """bge-m3-lite with its own defaults (batch 12, 16384-token budget) on the plain export, or on its
+    int8 quantisation: the way its README runs a custom backbone (`model_path`)."""
+    from unittest import mock
+
+    from bge_m3_lite import hub
+    from bge_m3_lite.embedder import BGEM3Embedder
+
+    model_dir = Path(settings.model_path)
+    hidden = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("hidden_size")
+    if hidden != 1024:
+        raise ConfigUnavailable(f"bge-m3-lite runs bge-m3's shape only (hidden size 1024; this model: {hidden})")
+    files = {name: model_dir / name for name in BGELITE_FILES}
+    missing = [name for name, path in files.items() if not path.is_file()]
+    if missing:
+        raise ConfigUnavailable(f"bge-m3-lite needs {', '.join(missing)} in the model folder")
+    backbone = _token_embeddings_graph(_onnx_export(settings, quantized=config.dtype == "int8"))
+
+    def local_files(remotes: tuple, *_args: object, **_kwargs: object) -> dict[str, Path]:
+        return {remote.name: files[remote.name] for remote in remotes}
+
+    # bge-m3-lite checks BAAI's published digests and downloads on a mismatch; this row must run on the
+    # checkpoint being measured, so its file lookup is pointed at that folder while it loads.
+    with mock.patch.object(hub, "ensure_files", local_files):
+        embedder = BGEM3Embedder(model_path=backbone, num_threads=threads, max_length=settings.max_length,
+                                 quiet=True)
+    every = settings.outputs == "all"
+
+    def encode(texts: list[str]) -> np.ndarray:
+        out = embedder.encode(texts, return_dense=True, return_sparse=every, return_colbert_vecs=every)
+        return np.asarray(out["dense_vecs"], dtype=np.float32)
+
+    return encode
+
+
+def _token_embeddings_graph(model_file: Path) -> Path:
+    """`model_file` with its output renamed `token_embeddings` (bge-m3-lite's name); the weights stay shared."""
+    import onnx
+
+    out = model_file.with_name(f"{model_file.stem}.token-embeddings.onnx")
+    if out.exists():
+        return out
+    model = onnx.load(str(model_file), load_external_data=False)
+    source = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("Identity", [source], ["token_embeddings"]))
+    model.graph.output[0].name = "token_embeddings"
+    partial = out.with_name(out.name + ".partial")
+    onnx.save(model, str(partial))  # next to the original, so its external-data paths still resolve
+    os.replace(partial, out)
+    return out
 
 
 def _onnx_export(settings: RunSettings, quantized: bool) -> Path:

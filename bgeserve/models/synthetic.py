@@ -6,7 +6,7 @@ the same loaders that read the real model, ours and the FlagEmbedding / transfor
 The weights are random but seeded; the tokenizer is trained on `bgeserve/data/mixed.txt`, a small
 multilingual corpus, so texts split into real sub-word pieces.
 
-    python -m bgeserve.models.synthetic OUT_DIR [--size tiny|full] [--weights bin|safetensors]
+    python -m bgeserve.models.synthetic OUT_DIR [--size tiny|wide|full] [--weights bin|safetensors]
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ class M3Size:
 SIZES: dict[str, M3Size] = {
     # 514 positions: XLM-R positions start at pad_id + 1 = 2, so 512 usable tokens.
     "tiny": M3Size(32, 2, 4, 64, 514, None),
+    # bge-m3's width with one layer: for tools that only take bge-m3's hidden size (bge-m3-lite).
+    "wide": M3Size(1024, 1, 16, 4096, 514, None),
     # BAAI/bge-m3 itself (~568M parameters, ~2.27 GB in fp32).
     "full": M3Size(1024, 24, 16, 4096, 8194, 250002),
 }
@@ -68,7 +70,8 @@ def write_m3_checkpoint(
 ) -> Path:
     """Writes a random checkpoint with BAAI/bge-m3's file layout into `path` and returns the directory.
 
-    `size` is "tiny" (hidden 32, 2 layers, vocab = the tokenizer's) or "full" (bge-m3's real shapes).
+    `size` is "tiny" (hidden 32, 2 layers, vocab = the tokenizer's), "wide" (hidden 1024, 1 layer) or
+    "full" (bge-m3's real shapes).
     `weights` is "bin" (`pytorch_model.bin`, as upstream) or "safetensors" (`model.safetensors`).
     `key_prefix` (e.g. "roberta.") is put before every encoder weight name, as some checkpoints do.
     The same seed gives byte-identical weight files; the tokenizer does not depend on the seed.

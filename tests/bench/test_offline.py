@@ -182,3 +182,43 @@ def test_fidelity_and_corpus_helpers():
     assert corpus.texts == ["a b", "a b c d e f g h i j", "a"]
     assert corpus.query == "a b c d e f g h i j"  # 12 tokens with the two specials
     assert corpus.total_tokens == 4 + 12 + 3 and len(corpus.batch) == 2
+
+
+@pytest.fixture(scope="module")
+def wide_m3(tmp_path_factory):
+    """bge-m3's width (hidden 1024) with one layer: the smallest checkpoint bge-m3-lite accepts."""
+    from bgeserve.models.synthetic import write_m3_checkpoint
+
+    return write_m3_checkpoint(tmp_path_factory.mktemp("bench-wide") / "wide", size="wide")
+
+
+def test_onnx_peers_run_on_the_plain_export(wide_m3, corpus_file, capsys, tmp_path):
+    """onnxruntime and bge-m3-lite run the same cached export; fp32 is exact, int8 close, all outputs too."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("bge_m3_lite")
+    out_json = tmp_path / "peers.json"
+    code, out, _ = _bench(capsys, "--model", str(wide_m3), "--corpus", str(corpus_file), "--inline", *FAST,
+                          "--configs", "cpu-fp32", "--compare", "onnxruntime-fp32,bgelite",
+                          "--cache-dir", str(tmp_path / "cache"), "--json", str(out_json))
+    assert code == 0, out
+    rows = {r["config"]: r for r in json.loads(out_json.read_text(encoding="utf-8"))["rows"]}
+    assert list(rows) == ["cpu-fp32", "onnxruntime-fp32", "bgelite-fp32", "bgelite-int8"]
+    for row in rows.values():
+        assert row["status"] == "ok", row
+    for exact in ("onnxruntime-fp32", "bgelite-fp32"):
+        assert rows[exact]["fidelity"]["max_abs_diff"] < 1e-4
+    assert 0.9 < rows["bgelite-int8"]["fidelity"]["min_cosine"] < 1.0
+    # One export serves both peers: bge-m3-lite's graph only renames the output and shares the weights.
+    exports = list((tmp_path / "cache" / "onnx-peer").glob("*/*.onnx"))
+    assert {p.name for p in exports} == {"model.onnx", "model.int8.onnx", "model.token-embeddings.onnx",
+                                         "model.int8.token-embeddings.onnx"}
+
+
+def test_bgelite_takes_only_bge_m3_width(tiny_m3, corpus_file, capsys, tmp_path):
+    pytest.importorskip("bge_m3_lite")
+    out_json = tmp_path / "tiny.json"
+    code, _, _ = _bench(capsys, "--model", str(tiny_m3), "--corpus", str(corpus_file), "--inline", *FAST,
+                        "--configs", "cpu-fp32", "--compare", "bgelite-fp32", "--json", str(out_json))
+    assert code == 0
+    row = {r["config"]: r for r in json.loads(out_json.read_text(encoding="utf-8"))["rows"]}["bgelite-fp32"]
+    assert row["status"] == "skipped" and "hidden size 1024" in row["reason"]
