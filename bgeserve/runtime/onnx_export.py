@@ -42,12 +42,12 @@ from bgeserve.models.config import EncoderConfig
 from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.encoder import packed_positions
 from bgeserve.models.heads import token_weights
-from bgeserve.models.packed import PackedBatch, gathered_attention
+from bgeserve.models.packed import PackedBatch, additive_key_mask, gathered_attention
 
 log = logging.getLogger(__name__)
 
 # Bump whenever the exported graph changes (outputs, ops, quantisation recipe): old caches are ignored.
-EXPORTER_VERSION = "bgeserve-onnx-2-packed"
+EXPORTER_VERSION = "bgeserve-onnx-3-float-mask"
 OPSET = 17
 INPUT_NAMES = ("input_ids", "position_ids", "gather_index", "attention_mask", "scatter_index")
 HIDDEN, TOKEN_WEIGHTS, COLBERT = "last_hidden_state", "token_weights", "colbert"
@@ -87,9 +87,9 @@ class ExportGraph(nn.Module):
         attention_mask: torch.Tensor,
         scatter_index: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        attend = partial(
-            gathered_attention, gather_index=gather_index, attention_mask=attention_mask, scatter_index=scatter_index
-        )
+        # The key mask is made once here, not once per layer.
+        key_mask = additive_key_mask(attention_mask)
+        attend = partial(gathered_attention, gather_index=gather_index, key_mask=key_mask, scatter_index=scatter_index)
         hidden = self.model.encoder.encode_tokens(input_ids, position_ids, attend)
         outputs = [hidden]
         if self.model.sparse_linear is not None:
@@ -183,7 +183,7 @@ def ensure_onnx_model(
         if (target / MODEL_FILE).is_file():
             log.info("reusing ONNX export %s", target)
             return target / MODEL_FILE
-        return _publish(target, lambda tmp: export_onnx(checkpoint, tmp / MODEL_FILE))
+        return _publish(target, lambda tmp: export_onnx(checkpoint, tmp / MODEL_FILE), cache_key(checkpoint))
     signed = cpu_has_vnni() if signed_weights is None else signed_weights
     target = cache_location(checkpoint, "int8s8" if signed else "int8u8", cache_dir)
     if (target / MODEL_FILE).is_file():
@@ -191,12 +191,15 @@ def ensure_onnx_model(
         return target / MODEL_FILE
     source = ensure_onnx_model(checkpoint, "fp32", cache_dir)
     log.info("quantising %s to int8 (%s weights) ...", checkpoint.name, "s8" if signed else "u8")
-    return _publish(target, lambda tmp: quantize_int8(source, tmp / MODEL_FILE, signed_weights=signed))
+    build = partial(quantize_int8, source, signed_weights=signed)
+    return _publish(target, lambda tmp: build(tmp / MODEL_FILE), cache_key(checkpoint))
 
 
-def _publish(target: Path, build) -> Path:  # noqa: ANN001 - a callable taking the staging dir
+def _publish(target: Path, build, key: str) -> Path:  # noqa: ANN001 - a callable taking the staging dir
     """Builds into a staging directory beside `target`, then renames it into place: readers never see a
-    half-written export, and when two replicas export at once the first rename wins."""
+    half-written export, and when two replicas export at once the first rename wins. Exports of the same
+    model and dtype under another key (older weights, bgeserve or torch) are removed after: bge-m3's
+    are 2.3 GB each. A process still reading one keeps its open files until it exits."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -213,6 +216,10 @@ def _publish(target: Path, build) -> Path:  # noqa: ANN001 - a callable taking t
             log.info("another process exported %s first; using it", target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    for stale in target.parent.glob(target.name.replace(key, "?" * len(key))):
+        if stale != target and stale.is_dir():
+            log.info("removing an older ONNX export: %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     return target / MODEL_FILE
 
 
