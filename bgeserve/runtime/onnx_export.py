@@ -47,7 +47,7 @@ from bgeserve.models.packed import PackedBatch, additive_key_mask, gathered_atte
 log = logging.getLogger(__name__)
 
 # Bump whenever the exported graph changes (outputs, ops, quantisation recipe): old caches are ignored.
-EXPORTER_VERSION = "bgeserve-onnx-3-float-mask"
+EXPORTER_VERSION = "bgeserve-onnx-4-int8-rows"
 OPSET = 17
 INPUT_NAMES = ("input_ids", "position_ids", "gather_index", "attention_mask", "scatter_index")
 HIDDEN, TOKEN_WEIGHTS, COLBERT = "last_hidden_state", "token_weights", "colbert"
@@ -295,7 +295,9 @@ def quantize_int8(source: Path, path: Path, signed_weights: bool = False, keep_f
         prefix = f"q8_{index}"
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
         product = f"{prefix}/product" if bias else node.output[0]
-        nodes += _int8_matmul_nodes(prefix, node.input[0], product, weight, signed_weights, added)
+        # A Gemm's input is [rows, K] by definition; a MatMul's may have more axes.
+        rows = node.op_type == "Gemm"
+        nodes += _int8_matmul_nodes(prefix, node.input[0], product, weight, signed_weights, added, rows)
         if bias:
             nodes.append(onnx.helper.make_node("Add", [product, bias], [node.output[0]]))
         if uses[node.input[1]] == 1:
@@ -335,8 +337,13 @@ def _is_head(node_name: str) -> bool:
     return "sparse_linear" in node_name or "colbert_linear" in node_name
 
 
-def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool, inits: list) -> list:
-    """Nodes computing y = x @ w (x [..., K], w [K, N]) with per-token u8 x and per-channel int8 w."""
+def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool, inits: list, rows: bool) -> list:
+    """Nodes computing y = x @ w (x [..., K], w [K, N]) with per-token u8 x and per-channel int8 w.
+
+    `rows`: x is already [tokens, K] (a Gemm's input), so no reshapes around the product; on a short
+    query such small nodes cost about as much as the products. (A symmetric range per row, zero point
+    fixed at 128, would drop the zero-point correction too, but costs MiniLM's min cosine 0.995 -> 0.989.)
+    """
     from onnx import TensorProto, numpy_helper
     from onnx import helper as oh
 
@@ -361,13 +368,12 @@ def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool,
     w_scale_name = const("w_scale", w_scale.astype(np.float32))
     one = const("one", np.array(1, np.float32))
     zero, levels = const("zero", np.array(0, np.float32)), const("levels", np.array(255, np.float32))
-    tiny = const("tiny", np.array(1e-12, np.float32))
-    rows, flat = const("rows", np.array([-1, k], np.int64)), const("flat", np.array([-1], np.int64))
-    width = const("width", np.array([n], np.int64))
-    return [
-        oh.make_node("Reshape", [x, rows], [t("x2")]),
-        oh.make_node("ReduceMax", [t("x2")], [t("max")], axes=[1], keepdims=1),
-        oh.make_node("ReduceMin", [t("x2")], [t("min")], axes=[1], keepdims=1),
+    tiny, flat = const("tiny", np.array(1e-12, np.float32)), const("flat", np.array([-1], np.int64))
+    nodes = [] if rows else [oh.make_node("Reshape", [x, const("rows", np.array([-1, k], np.int64))], [t("x2")])]
+    x2, y2 = (x, y) if rows else (t("x2"), t("y2"))
+    nodes += [
+        oh.make_node("ReduceMax", [x2], [t("max")], axes=[1], keepdims=1),
+        oh.make_node("ReduceMin", [x2], [t("min")], axes=[1], keepdims=1),
         # The range always holds 0 so that zero (e.g. after ReLU-like activations) is exact.
         oh.make_node("Max", [t("max"), zero], [t("hi")]),
         oh.make_node("Min", [t("min"), zero], [t("lo")]),
@@ -380,7 +386,7 @@ def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool,
         oh.make_node("Reshape", [t("scale"), flat], [t("scale_1d")]),
         oh.make_node("Reshape", [t("zp"), flat], [t("zp_1d")]),
         oh.make_node("Cast", [t("zp_1d")], [t("zp_u8")], to=TensorProto.UINT8),
-        oh.make_node("QuantizeLinear", [t("x2"), t("scale_1d"), t("zp_u8")], [t("x_q")], axis=0),
+        oh.make_node("QuantizeLinear", [x2, t("scale_1d"), t("zp_u8")], [t("x_q")], axis=0),
         # onnxruntime's fused int8 GEMM with the weight scales applied in its epilogue; the activation
         # scale passed is 1 because it differs per row and is applied below.
         oh.make_node(
@@ -391,11 +397,15 @@ def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool,
         ),
         oh.make_node("Mul", [t("zp"), col_sum], [t("offset")]),
         oh.make_node("Sub", [t("acc_f"), t("offset")], [t("centred")]),
-        oh.make_node("Mul", [t("centred"), t("scale")], [t("y2")]),
-        oh.make_node("Shape", [x], [t("lead")], start=0, end=-1),
-        oh.make_node("Concat", [t("lead"), width], [t("out_shape")], axis=0),
-        oh.make_node("Reshape", [t("y2"), t("out_shape")], [y]),
+        oh.make_node("Mul", [t("centred"), t("scale")], [y2]),
     ]
+    if not rows:
+        nodes += [
+            oh.make_node("Shape", [x], [t("lead")], start=0, end=-1),
+            oh.make_node("Concat", [t("lead"), const("width", np.array([n], np.int64))], [t("out_shape")], axis=0),
+            oh.make_node("Reshape", [t("y2"), t("out_shape")], [y]),
+        ]
+    return nodes
 
 
 def _save_with_one_data_file(proto, path: Path) -> None:
