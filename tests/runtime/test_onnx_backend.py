@@ -167,6 +167,15 @@ def test_int8_weights_are_int8(m3_checkpoint, onnx_cache):
     assert linear - (ops.count("Gemm") + ops.count("MatMul")) == 8
 
 
+def test_key_mask_is_one_add_per_layer(m3_checkpoint, onnx_cache):
+    """The additive key mask is built once: no Where / IsNaN pass over every layer's attention scores."""
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    for dtype in ("fp32", "int8"):
+        path = onnx_export.ensure_onnx_model(ckpt, dtype, onnx_cache)
+        ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+        assert ops.count("Softmax") == 2 and "Where" not in ops and "IsNaN" not in ops
+
+
 @pytest.mark.slow
 def test_int8_keeps_minilm_dense_fidelity(minilm_path, onnx_cache):
     """The issue's bar on real weights: min dense cosine >= 0.995 vs fp32 over the bundled corpus."""
