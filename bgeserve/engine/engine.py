@@ -20,8 +20,6 @@ from bgeserve.runtime.backend import Backend, Capabilities, ItemOutput, OutputRe
 if TYPE_CHECKING:
     from bgeserve.models.checkpoint import Checkpoint
 
-
-
 # Token budget per forward pass when none is set. GPUs need big batches to fill the card. On the CPU,
 # packed batches keep the same throughput from 1k to 16k tokens (measured on the full-size bge-m3, 1.58-1.61
 # texts/s), so a small budget costs nothing and spares a request queued behind a batch most of the wait.

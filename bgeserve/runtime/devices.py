@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Callable
 
@@ -11,6 +12,8 @@ import torch
 
 from bgeserve.errors import DeviceUnavailable
 from bgeserve.runtime.cpu_linear import PackedWeightLinear, onednn_linear_available
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 _DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "qint8": "int8"}
@@ -67,11 +70,13 @@ BF16_MIN_SPEEDUP = 1.3
 
 
 def resolve_dtype(dtype: str | None, device: str) -> str:
-    """'auto' -> auto_dtype(device); rejects precisions the device cannot run."""
+    """'auto' -> auto_dtype(device), logged with its reason; rejects precisions the device cannot run."""
     name = (dtype or "auto").strip().lower()
     name = _DTYPE_ALIASES.get(name, name)
     if name == "auto":
-        return auto_dtype(device)[0]
+        choice, why = auto_dtype(device)
+        log.info("dtype auto -> %s on %s: %s", choice, device, why)
+        return choice
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use auto, fp32, fp16, bf16 or int8")
     if name == "fp16" and device == "cpu":

@@ -136,10 +136,11 @@ def _writable_dir(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
-def cache_location(checkpoint: Checkpoint, dtype: str, cache_dir: Path | None = None) -> Path:
+def cache_location(checkpoint: Checkpoint, dtype: str, cache_dir: Path | None = None, key: str | None = None) -> Path:
     """Directory holding the `dtype` export: an explicit `cache_dir` wins, then the model directory when
-    writable (and not inside an installed package), then `default_cache_dir()`."""
-    name = f"{cache_key(checkpoint)}-{dtype}"
+    writable (and not inside an installed package), then `default_cache_dir()`. `key`: cache_key(checkpoint)
+    when the caller has it already."""
+    name = f"{key or cache_key(checkpoint)}-{dtype}"
     if cache_dir is not None:
         return Path(cache_dir) / f"{_safe(checkpoint.name)}-{name}"
     beside = checkpoint.path / CACHE_SUBDIR
@@ -178,21 +179,18 @@ def ensure_onnx_model(
     """
     if dtype not in ONNX_DTYPES:
         raise ValueError(f"no ONNX export for dtype {dtype!r}: use {' or '.join(ONNX_DTYPES)}")
-    if dtype == "fp32":
-        target = cache_location(checkpoint, dtype, cache_dir)
-        if (target / MODEL_FILE).is_file():
-            log.info("reusing ONNX export %s", target)
-            return target / MODEL_FILE
-        return _publish(target, lambda tmp: export_onnx(checkpoint, tmp / MODEL_FILE), cache_key(checkpoint))
-    signed = cpu_has_vnni() if signed_weights is None else signed_weights
-    target = cache_location(checkpoint, "int8s8" if signed else "int8u8", cache_dir)
+    signed = dtype == "int8" and (cpu_has_vnni() if signed_weights is None else signed_weights)
+    variant = "fp32" if dtype == "fp32" else "int8s8" if signed else "int8u8"
+    key = cache_key(checkpoint)
+    target = cache_location(checkpoint, variant, cache_dir, key)
     if (target / MODEL_FILE).is_file():
         log.info("reusing ONNX export %s", target)
         return target / MODEL_FILE
+    if dtype == "fp32":
+        return _publish(target, lambda tmp: export_onnx(checkpoint, tmp / MODEL_FILE), key)
     source = ensure_onnx_model(checkpoint, "fp32", cache_dir)
     log.info("quantising %s to int8 (%s weights) ...", checkpoint.name, "s8" if signed else "u8")
-    build = partial(quantize_int8, source, signed_weights=signed)
-    return _publish(target, lambda tmp: build(tmp / MODEL_FILE), cache_key(checkpoint))
+    return _publish(target, lambda tmp: quantize_int8(source, tmp / MODEL_FILE, signed_weights=signed), key)
 
 
 def _publish(target: Path, build, key: str) -> Path:  # noqa: ANN001 - a callable taking the staging dir

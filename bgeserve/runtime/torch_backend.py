@@ -14,7 +14,7 @@ from bgeserve.models.heads import token_weights
 from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
 from bgeserve.runtime.cpu_linear import pack_encoder_linears
-from bgeserve.runtime.devices import DTYPES, auto_dtype, resolve_device, resolve_dtype
+from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
 from bgeserve.runtime.int8 import quantize_encoder_int8
 from bgeserve.runtime.packed_outputs import PackedResult, items_from_packed
 
@@ -38,8 +38,6 @@ class TorchBackend:
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        if (dtype or "auto").strip().lower() == "auto":
-            log.info("dtype auto -> %s on %s: %s", self.dtype, self.device, auto_dtype(self.device)[1])
         if threads:
             torch.set_num_threads(threads)
         self.checkpoint = checkpoint

@@ -109,3 +109,12 @@ def test_auto_picks_bf16_on_cpu_only_when_native_and_measured_faster():
 
 def test_matmul_rate_measures_this_cpu():
     assert matmul_rate(torch.float32, rows=16, size=64, repeats=1) > 1e6
+
+
+def test_auto_dtype_says_what_it_chose_and_why(m3_checkpoint, caplog):
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    with caplog.at_level("INFO", logger="bgeserve.runtime.devices"):
+        backend = TorchBackend(ckpt, dtype="auto")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtype auto -> ")]
+    assert len(lines) == 1 and lines[0].startswith(f"dtype auto -> {backend.dtype} on cpu: ")
+    assert len(lines[0].split(": ", 1)[1]) > 10  # the reason, not just the choice
