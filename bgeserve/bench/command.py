@@ -170,6 +170,7 @@ def _run_offline(args: argparse.Namespace) -> int:
 
     from bgeserve.bench import report as rep
     from bgeserve.bench.configs import parse_compare, parse_config, parse_config_list, probe_machine
+    from bgeserve.bench.flops import projection_flops_per_token
     from bgeserve.bench.measure import MeasureOptions
     from bgeserve.bench.model_source import default_cache_dir, stderr_log, synthetic_checkpoint
     from bgeserve.bench.offline import OfflinePlan, build_corpus, run_offline
@@ -215,7 +216,8 @@ def _run_offline(args: argparse.Namespace) -> int:
     )
     options = MeasureOptions(repeats=args.repeats, query_runs=args.query_runs, batch_runs=args.batch_runs)
     plan = OfflinePlan(configs, settings, options, corpus, baseline, isolate=not args.inline,
-                       allow_emulated_bf16=args.allow_emulated_bf16, timeout_s=args.timeout)
+                       allow_emulated_bf16=args.allow_emulated_bf16, timeout_s=args.timeout,
+                       flops_per_token=projection_flops_per_token(checkpoint.config))
     stderr_log(f"model {checkpoint.name} ({checkpoint.path}); {len(corpus.texts)} texts, "
                f"{corpus.total_tokens} tokens; {len(configs)} rows")
     report = run_offline(plan, probe_machine(), progress=stderr_log)

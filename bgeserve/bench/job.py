@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bgeserve.bench.configs import BenchConfig, parse_config
+from bgeserve.bench.flops import measure_matmul_tflops
 from bgeserve.bench.measure import Measurement, MeasureOptions, PeakMemory, run_protocol
 from bgeserve.bench.runners import ConfigUnavailable, RunSettings, open_encoder
 
@@ -73,6 +74,9 @@ def execute(job: Job) -> JobOutcome:
         measurement.load_seconds = load_seconds
         measurement.peak_memory_bytes = memory.stop()
         measurement.memory_kind = memory.kind
+        if config.device.startswith("cuda"):
+            # After the peak-memory reading: the product's operands are not the row's memory.
+            measurement.matmul_tflops = measure_matmul_tflops(config.device, config.dtype)
         return JobOutcome("ok", measurement=measurement)
     except ConfigUnavailable as exc:
         return JobOutcome("skipped", reason=str(exc))

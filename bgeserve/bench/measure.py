@@ -35,6 +35,7 @@ class Measurement:
     load_seconds: float = 0.0
     peak_memory_bytes: int | None = None
     memory_kind: str = "rss"  # "rss": process resident memory above its level before loading; "cuda"
+    matmul_tflops: float | None = None  # the device's own product rate in this precision (CUDA rows)
     dense: np.ndarray | None = None
 
 

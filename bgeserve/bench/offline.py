@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bgeserve.bench.configs import OURS, BenchConfig, MachineFacts, skip_reason
+from bgeserve.bench.flops import CUDA_MATMUL_SIZE
 from bgeserve.bench.job import Job, JobOutcome, execute, execute_isolated
 from bgeserve.bench.measure import MeasureOptions
 from bgeserve.bench.runners import RunSettings
@@ -98,6 +99,9 @@ class Row:
     wall_seconds: float | None = None  # the whole row: process start, load, warm-up and every timed call
     speedup: float | None = None
     fidelity: dict[str, float] | None = None
+    model_tflops: float | None = None  # tokens/s x projection FLOPs per token (bench.flops)
+    device_tflops: float | None = None  # the device's product rate in this precision, where measured
+    matmul_use: float | None = None  # model_tflops / device_tflops
     notes: list[str] = field(default_factory=list)
     dense: np.ndarray | None = None
 
@@ -127,6 +131,9 @@ class Row:
             "wall_seconds": self.wall_seconds,
             "speedup": self.speedup,
             "fidelity": self.fidelity,
+            "model_tflops": self.model_tflops,
+            "device_matmul_tflops": self.device_tflops,
+            "matmul_use": self.matmul_use,
             "notes": self.notes,
         }
 
@@ -143,6 +150,7 @@ class OfflinePlan:
     isolate: bool = True  # a fresh process per row
     allow_emulated_bf16: bool = False
     timeout_s: float | None = None
+    flops_per_token: float | None = None  # bench.flops.projection_flops_per_token of the model
 
 
 @dataclass
@@ -171,7 +179,7 @@ def run_offline(
             continue
         progress(f"[{number}/{len(plan.configs)}] {config.name}: running")
         started = time.perf_counter()
-        row = _row(config, _run(plan, config, plan.options), plan.corpus)
+        row = _row(config, _run(plan, config, plan.options), plan.corpus, plan.flops_per_token)
         row.wall_seconds = time.perf_counter() - started
         rows.append(row)
         progress(f"[{number}/{len(plan.configs)}] {config.name}: " + (
@@ -203,7 +211,7 @@ def _run(plan: OfflinePlan, config: BenchConfig, options: MeasureOptions) -> Job
     return execute_isolated(job, plan.timeout_s) if plan.isolate else execute(job)
 
 
-def _row(config: BenchConfig, outcome: JobOutcome, corpus: Corpus) -> Row:
+def _row(config: BenchConfig, outcome: JobOutcome, corpus: Corpus, flops_per_token: float | None = None) -> Row:
     row = Row(config, outcome.status, outcome.reason)
     m = outcome.measurement
     if outcome.status != "ok" or m is None:
@@ -219,6 +227,13 @@ def _row(config: BenchConfig, outcome: JobOutcome, corpus: Corpus) -> Row:
     row.memory_kind = m.memory_kind
     row.load_seconds = m.load_seconds
     row.dense = m.dense
+    if flops_per_token:
+        row.model_tflops = row.tokens_per_s * flops_per_token / 1e12
+        if m.matmul_tflops:
+            row.device_tflops = m.matmul_tflops
+            row.matmul_use = row.model_tflops / m.matmul_tflops
+            row.notes.append(f"matmul use {row.matmul_use:.0%} of {m.matmul_tflops:,.0f} TFLOP/s "
+                             f"({config.dtype} {CUDA_MATMUL_SIZE}^3 product here)")
     return row
 
 

@@ -83,8 +83,9 @@ def packed_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         try:
             out = _varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_len, batch.max_len)
             return out.reshape(total, -1)
-        except (RuntimeError, NotImplementedError) as exc:
-            # e.g. a GPU or head size FlashAttention has no kernel for: the padded path gives the same result.
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            # e.g. a GPU or head size FlashAttention has no kernel for, or a torch whose (young) varlen API takes
+            # other arguments: the padded path gives the same result.
             warnings.warn(f"varlen attention unavailable here ({exc}); using padded SDPA", RuntimeWarning, stacklevel=2)
     if qkv.is_cuda:
         return padded_attention(qkv, batch)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from bgeserve.bench.configs import onnx_backend_available
+from bgeserve.bench.flops import projection_flops_per_token
 from bgeserve.bench.offline import build_corpus, fidelity, spread
 from bgeserve.cli import main
+from bgeserve.models.config import EncoderConfig
 
 FAST = ["--repeats", "2", "--query-runs", "3", "--batch-runs", "2", "--batch", "4"]
 
@@ -63,8 +65,9 @@ def test_table_lists_every_config_and_peer(inline_run, capsys, tiny_m3, tmp_path
     assert "2 texts" in out and "cpu-fp32-t1: running" in err
 
 
-def test_json_shape_ratios_and_fidelity(inline_run):
+def test_json_shape_ratios_and_fidelity(inline_run, tiny_m3):
     code, folder = inline_run
+    flops = projection_flops_per_token(EncoderConfig.from_file(tiny_m3 / "config.json"))
     assert code == 0
     doc = json.loads((folder / "out.json").read_text(encoding="utf-8"))
     assert doc["mode"] == "offline" and doc["baseline"] == "cpu-fp32-t1"
@@ -87,6 +90,9 @@ def test_json_shape_ratios_and_fidelity(inline_run):
         assert len(row["corpus_seconds"]) == 2
         assert row["wall_seconds"] >= row["load_seconds"] + sum(row["corpus_seconds"])
         assert row["peak_memory_mb"] is not None and row["memory_kind"] == "rss"
+        # Every row's model rate; the share of the device's product rate only where one was timed (CUDA).
+        assert row["model_tflops"] == pytest.approx(row["tokens_per_s"] * flops / 1e12)
+        assert row["matmul_use"] is None and row["device_matmul_tflops"] is None
     assert doc["fidelity_reference"] == "cpu-fp32-t1"
     assert base["fidelity"]["min_cosine"] == pytest.approx(1.0) and base["fidelity"]["max_abs_diff"] == 0.0
     # Exact peers agree with our fp32 to float rounding; int8 is close but not exact.

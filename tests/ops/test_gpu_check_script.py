@@ -39,8 +39,11 @@ def test_script_runs_without_a_gpu_and_prints_the_table_last(m3_checkpoint: Path
     lines = done.stdout.rstrip().splitlines()
     assert lines[-1].startswith("total ") and str(out) in lines[-1], done.stdout[-2000:]
     table = done.stdout[done.stdout.rindex("\nSTEP ") :]
-    for step in ("doctor", "gpu-tests", "checkpoint", "doctor-model", "bench"):
+    for step in ("doctor", "gpu-tests", "checkpoint", "doctor-model", "bench-512", "bench"):
         assert f"\n{step} " in table, table
+    # Without CUDA every row of the 512-token bench is skipped, and its table says why.
+    assert "bench512.json: 64 texts" in table
+    assert "cuda-bf16          skipped" in table and "no CUDA device visible to torch" in table
     report = json.loads((out / "doctor.json").read_text())
     assert report["facts"]["cuda_visible_devices"] == ""
     assert json.loads((out / "doctor_model.json").read_text())["checks"][-1]["name"] == "model"
@@ -80,7 +83,7 @@ def test_carried_wheels_are_installed_first_on_the_path(m3_checkpoint: Path, tmp
         WHEEL_DIR=str(wheels),
         WHEEL_SITE=str(site),
         CUDA_VISIBLE_DEVICES="",
-        SKIP_STEPS="doctor,gpu-tests,doctor-model,bench",
+        SKIP_STEPS="doctor,gpu-tests,doctor-model,bench-512,bench",
     )
     out = tmp_path / "out"
     done = subprocess.run([str(SCRIPT), str(out)], capture_output=True, text=True, env=env, timeout=300)

@@ -98,3 +98,12 @@ def test_packed_attention_on_cuda_equals_the_cpu_loop(dtype):
         got = packed_attention(qkv.cuda().to(dtype), PackedBatch.from_sequences([[5] * n for n in lengths], "cuda"))
     tolerance = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}[dtype]
     torch.testing.assert_close(got.float().cpu(), reference, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_card_product_rate_for_the_matmul_use_column(dtype: str) -> None:
+    """bench's `matmul use` divides by this: a real rate, in the tens of TFLOP/s or more on any recent card."""
+    from bgeserve.bench.flops import measure_matmul_tflops
+
+    rate = measure_matmul_tflops("cuda:0", dtype, size=4096, repeats=5)
+    assert rate is not None and 5 < rate < 5000
