@@ -28,8 +28,6 @@ if [ ! -x "$PYTHON" ] && ! command -v "$PYTHON" >/dev/null 2>&1; then
     echo "no interpreter at $PYTHON to read versions from: run make dev first, or set PYTHON" >&2
     exit 2
 fi
-mkdir -p "$DEST"
-rm -f "$DEST"/*.whl
 pins=()
 for name in "${names[@]}"; do
     if ! version=$("$PYTHON" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$name" 2>/dev/null); then
@@ -39,6 +37,8 @@ for name in "${names[@]}"; do
     pins+=("$name==$version")
 done
 echo "fetching for Python $PY_VERSION: ${pins[*]}" >&2
+mkdir -p "$DEST"
+rm -f "$DEST"/*.whl  # one version of each: two would stop the install there
 "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$DEST" \
     --python-version "$PY_VERSION" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

@@ -98,3 +98,17 @@ def test_carried_wheels_are_installed_first_on_the_path(m3_checkpoint: Path, tmp
     table = done.stdout[done.stdout.rindex("\nSTEP ") :]
     assert "\nwheels        exit" in table, table
     assert done.returncode == 1
+
+
+def test_wheel_fetcher_is_valid_bash_and_pins_from_an_interpreter(tmp_path: Path) -> None:
+    fetcher = SCRIPT.parent / "gpu_wheels.sh"
+    subprocess.run(["bash", "-n", str(fetcher)], check=True)
+    assert os.access(fetcher, os.X_OK)
+    # Versions come from an installed interpreter: a name it does not have is a clear error, before any download.
+    env = dict(os.environ, PYTHON=sys.executable, GPU_WHEELS="no-such-distribution-xyz")
+    done = subprocess.run([str(fetcher), str(tmp_path / "w")], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert "no-such-distribution-xyz is not installed" in done.stderr
+    env = dict(os.environ, PYTHON=str(tmp_path / "missing-python"))
+    done = subprocess.run([str(fetcher), str(tmp_path / "w")], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "no interpreter" in done.stderr
