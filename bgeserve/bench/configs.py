@@ -1,8 +1,9 @@
 """Benchmark config names (`cpu-fp32-t1`, `cuda-fp16`, `transformers-int8`, ...) and why one cannot run.
 
-A name is `KIND-DTYPE[-tN]`. KIND `cpu`/`cuda` is bgeserve's torch backend, `onnx` bgeserve's ONNX
-backend; `flagembedding`, `transformers` and `onnxruntime` are the peers run for comparison.
+A name is `KIND-DTYPE[-compiled][-tN]`. KIND `cpu`/`cuda` is bgeserve's torch backend, `onnx` bgeserve's
+ONNX backend; `flagembedding`, `transformers` and `onnxruntime` are the peers run for comparison.
 `bgelite` is bge-m3-lite (onnxruntime with its own tokenizer, pooling and token-budget batching).
+`-compiled` (torch backend only) runs it under torch.compile, as `--compile` does.
 `-tN` runs with N intra-op threads (torch or onnxruntime); without it, the library's default.
 """
 
@@ -13,6 +14,7 @@ import inspect
 from dataclasses import dataclass, field
 
 OURS = ("cpu", "cuda", "onnx")
+TORCH_KINDS = ("cpu", "cuda")  # bgeserve rows on the torch backend: the ones `-compiled` applies to
 PEERS = ("flagembedding", "transformers", "onnxruntime", "bgelite")
 # Precisions each kind offers, in the order `--compare KIND` expands them.
 DTYPES: dict[str, tuple[str, ...]] = {
@@ -44,10 +46,11 @@ class BenchConfig:
     kind: str
     dtype: str
     threads: int | None = None
+    compiled: bool = False
 
     @property
     def name(self) -> str:
-        suffix = f"-t{self.threads}" if self.threads else ""
+        suffix = ("-compiled" if self.compiled else "") + (f"-t{self.threads}" if self.threads else "")
         return f"{self.kind}-{self.dtype}{suffix}"
 
     @property
@@ -65,17 +68,24 @@ def parse_config(name: str) -> BenchConfig:
     """`cpu-fp32-t1` -> BenchConfig("cpu", "fp32", 1); ValueError with the accepted names otherwise."""
     parts = name.strip().lower().split("-")
     threads = None
-    if len(parts) == 3 and parts[2].startswith("t"):
+    if len(parts) >= 3 and parts[-1].startswith("t") and parts[-1] != "t":
         try:
-            threads = int(parts[2][1:])
+            threads = int(parts[-1][1:])
         except ValueError:
             threads = 0
         if threads < 1:
             raise ValueError(f"bad thread suffix in config {name!r}: use -tN with N >= 1 (e.g. cpu-fp32-t1)")
+        parts = parts[:-1]
+    compiled = len(parts) == 3 and parts[2] == "compiled"
+    if compiled:
         parts = parts[:2]
     if len(parts) != 2 or parts[0] not in DTYPES or parts[1] not in DTYPES[parts[0]]:
-        raise ValueError(f"unknown config {name!r}; a config is KIND-DTYPE[-tN], one of: {known_names()}")
-    return BenchConfig(parts[0], parts[1], threads)
+        raise ValueError(
+            f"unknown config {name!r}; a config is KIND-DTYPE[-compiled][-tN], one of: {known_names()}"
+        )
+    if compiled and parts[0] not in TORCH_KINDS:
+        raise ValueError(f"-compiled applies to bgeserve's torch rows ({', '.join(TORCH_KINDS)}), not {name!r}")
+    return BenchConfig(parts[0], parts[1], threads, compiled)
 
 
 def known_names() -> str:

@@ -118,6 +118,7 @@ class Row:
             "device": self.config.device,
             "dtype": self.config.dtype,
             "threads": self.config.threads,
+            "compiled": self.config.compiled,
             "status": self.status,
             "reason": self.reason,
             "texts_per_s": self.texts_per_s,

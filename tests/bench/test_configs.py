@@ -25,6 +25,18 @@ def test_parse_names_and_threads():
     assert parse_config("onnxruntime-int8").device == "cpu"
 
 
+def test_compiled_rows_of_the_torch_backend():
+    assert parse_config("cpu-fp32-compiled") == BenchConfig("cpu", "fp32", None, compiled=True)
+    assert parse_config("cuda-bf16-compiled-t4") == BenchConfig("cuda", "bf16", 4, compiled=True)
+    assert parse_config("cuda-bf16-compiled-t4").name == "cuda-bf16-compiled-t4"
+    assert parse_config("cpu-fp32").compiled is False
+    for bad in ("onnx-fp32-compiled", "transformers-fp32-compiled"):
+        with pytest.raises(ValueError, match="torch rows"):
+            parse_config(bad)
+    with pytest.raises(ValueError, match=r"KIND-DTYPE\[-compiled\]\[-tN\]"):
+        parse_config("cpu-fp32-t1-compiled")  # the thread suffix comes last
+
+
 @pytest.mark.parametrize("bad", ["cpu-fp16", "gpu-fp32", "cpu", "cpu-fp32-t0", "cpu-fp32-tx", "cpu-fp32-x1"])
 def test_bad_names_say_what_is_accepted(bad):
     with pytest.raises(ValueError, match="cpu-fp32-t1|cpu-fp32"):
@@ -73,3 +85,22 @@ def test_dense_only_peers_are_skipped_for_all_outputs():
     assert "dense" in skip_reason(parse_config("transformers-fp32"), facts, outputs="all")
     assert skip_reason(parse_config("flagembedding-fp32"), facts, outputs="all") is None
     assert skip_reason(parse_config("cpu-fp32"), facts, outputs="all") is None
+
+
+def test_compiled_rows_load_under_torch_compile(monkeypatch):
+    """`-compiled` reaches Embedder as compile=True (the onnx backend gets no such keyword at all)."""
+    import bgeserve.embedder
+    from bgeserve.bench.runners import RunSettings, open_encoder
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs)
+
+    monkeypatch.setattr(bgeserve.embedder, "Embedder", Recorder)
+    settings = RunSettings(model_path="unused")
+    for name in ("cpu-fp32-compiled", "cpu-fp32", "onnx-fp32"):
+        open_encoder(parse_config(name), settings)
+    assert seen[0]["compile"] is True and seen[1]["compile"] is False
+    assert "compile" not in seen[2] and seen[2]["backend"] == "onnx"
