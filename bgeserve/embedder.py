@@ -38,7 +38,8 @@ class Embedder:
     `Embedder("/models/bge-m3")` runs on `DEVICE` (auto: CUDA when present, else CPU) at dtype auto
     (bf16 on GPUs that have it, else fp16; on CPU bf16 where native and measured faster, else exact fp32).
     With no model it loads
-    the bundled all-MiniLM-L6-v2. `backend` is "torch" or "onnx"; `compile` applies torch.compile.
+    the bundled all-MiniLM-L6-v2. `backend` is "torch" or "onnx"; `compile` applies torch.compile;
+    `cuda_graphs` replays small batches on CUDA from captured graphs.
     FlagEmbedding's constructor arguments (`use_fp16`, `devices`, `query_max_length`, ...) are accepted.
     """
 
@@ -51,6 +52,7 @@ class Embedder:
         dtype: str = "auto",
         backend: str = "torch",
         compile: bool = False,
+        cuda_graphs: bool = False,
         max_length: int | None = None,
         batch_size: int = 256,
         max_batch_tokens: int = 16384,
@@ -77,7 +79,13 @@ class Embedder:
             dtype = "fp16" if use_fp16 and self.device != "cpu" else "fp32"
         # Each backend resolves "auto" itself (torch: runtime.devices.auto_dtype; onnx: fp32).
         self.backend = create_backend(
-            self.checkpoint, backend, device=self.device, dtype=dtype, threads=threads, compile=compile
+            self.checkpoint,
+            backend,
+            device=self.device,
+            dtype=dtype,
+            threads=threads,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
         )
         self.dtype = self.backend.dtype
         self.max_length = min(max_length or self.checkpoint.max_length, self.checkpoint.max_length)

@@ -165,8 +165,10 @@ PYEOF
     # BENCH_ARGS keeps it short: fewer texts and passes, and a per-row limit so one slow row (CPU fp32
     # on the full model) cannot eat the time of the CUDA rows.
     read -r -a bench_extra <<<"${BENCH_ARGS---limit 64 --repeats 2 --timeout 45}"
+    # cuda-fp16-graphs next to cuda-fp16: whether CUDA graphs pay for a short query (issue 5, item 5).
     step bench 160 "$OUT/bench.log" "${BG[@]}" bench --model "$CKPT" \
-        --configs cpu-fp32,cuda-fp16,cuda-bf16 --compare flagembedding-fp16 --json "$OUT/bench.json" "${bench_extra[@]}"
+        --configs cpu-fp32,cuda-fp16,cuda-fp16-graphs,cuda-bf16 --compare flagembedding-fp16 \
+        --json "$OUT/bench.json" "${bench_extra[@]}"
     if [ "$LAST_RC" -eq 2 ] && [ "${#bench_extra[@]}" -gt 0 ]; then
         # An older bench without those options: the plain command.
         unset 'SUMMARY[-1]'

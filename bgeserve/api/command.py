@@ -58,6 +58,7 @@ def serve(args: argparse.Namespace) -> int:
             config=settings.engine_config(),
             backend=settings.backend,
             compile=settings.compile,
+            cuda_graphs=settings.cuda_graphs,
         )
         engine.warmup()
     except (BgeServeError, ValueError) as exc:

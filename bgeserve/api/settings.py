@@ -58,6 +58,11 @@ class ServeSettings:
     )
     backend: str = field(default="torch", metadata=_flag("torch or onnx (ONNX Runtime)"))
     compile: bool = field(default=False, metadata=_flag("torch.compile the model at start-up (torch backend)"))
+    cuda_graphs: bool = field(
+        default=False,
+        metadata=_flag("replay small batches (<= 8 texts, <= 128 tokens) from CUDA graphs captured at start-up "
+                       "(torch backend on CUDA; ignored on CPU)"),
+    )
     threads: int | None = field(
         default=None, metadata=_flag("CPU threads per replica (default: the cores split between replicas)")
     )

@@ -43,8 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: the bundled multilingual sample bgeserve/data/mixed.txt)")
     p.add_argument("--limit", type=int, help="use N texts spread evenly over the corpus")
     off = p.add_argument_group("offline mode")
-    off.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of KIND-DTYPE[-compiled][-tN]: "
-                     "-compiled runs a torch row under torch.compile, -tN on N threads "
+    off.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of KIND-DTYPE[-compiled][-graphs][-tN]: "
+                     "-compiled runs a torch row under torch.compile, -graphs a cuda row with CUDA graphs, "
+                     "-tN on N threads "
                      f"(default: {DEFAULT_CONFIGS})")
     off.add_argument("--baseline", help="config the speed-up column divides by "
                      "(default: cpu-fp32-t1 when listed, else the first that ran)")

@@ -1,9 +1,10 @@
 """Benchmark config names (`cpu-fp32-t1`, `cuda-fp16`, `transformers-int8`, ...) and why one cannot run.
 
-A name is `KIND-DTYPE[-compiled][-tN]`. KIND `cpu`/`cuda` is bgeserve's torch backend, `onnx` bgeserve's
+A name is `KIND-DTYPE[-compiled][-graphs][-tN]`. KIND `cpu`/`cuda` is bgeserve's torch backend, `onnx` bgeserve's
 ONNX backend; `flagembedding`, `transformers` and `onnxruntime` are the peers run for comparison.
 `bgelite` is bge-m3-lite (onnxruntime with its own tokenizer, pooling and token-budget batching).
-`-compiled` (torch backend only) runs it under torch.compile, as `--compile` does.
+`-compiled` (torch backend only) runs it under torch.compile, as `--compile` does; `-graphs` (cuda only)
+replays small batches from CUDA graphs, as `--cuda-graphs` does.
 `-tN` runs with N intra-op threads (torch or onnxruntime); without it, the library's default.
 """
 
@@ -47,10 +48,11 @@ class BenchConfig:
     dtype: str
     threads: int | None = None
     compiled: bool = False
+    graphs: bool = False
 
     @property
     def name(self) -> str:
-        suffix = ("-compiled" if self.compiled else "") + (f"-t{self.threads}" if self.threads else "")
+        suffix = "-compiled" * self.compiled + "-graphs" * self.graphs + (f"-t{self.threads}" if self.threads else "")
         return f"{self.kind}-{self.dtype}{suffix}"
 
     @property
@@ -76,16 +78,21 @@ def parse_config(name: str) -> BenchConfig:
         if threads < 1:
             raise ValueError(f"bad thread suffix in config {name!r}: use -tN with N >= 1 (e.g. cpu-fp32-t1)")
         parts = parts[:-1]
+    graphs = len(parts) >= 3 and parts[-1] == "graphs"
+    if graphs:
+        parts = parts[:-1]
     compiled = len(parts) == 3 and parts[2] == "compiled"
     if compiled:
         parts = parts[:2]
     if len(parts) != 2 or parts[0] not in DTYPES or parts[1] not in DTYPES[parts[0]]:
         raise ValueError(
-            f"unknown config {name!r}; a config is KIND-DTYPE[-compiled][-tN], one of: {known_names()}"
+            f"unknown config {name!r}; a config is KIND-DTYPE[-compiled][-graphs][-tN], one of: {known_names()}"
         )
     if compiled and parts[0] not in TORCH_KINDS:
         raise ValueError(f"-compiled applies to bgeserve's torch rows ({', '.join(TORCH_KINDS)}), not {name!r}")
-    return BenchConfig(parts[0], parts[1], threads, compiled)
+    if graphs and parts[0] != "cuda":
+        raise ValueError(f"-graphs applies to bgeserve's cuda rows (CUDA graphs), not {name!r}")
+    return BenchConfig(parts[0], parts[1], threads, compiled, graphs)
 
 
 def known_names() -> str:

@@ -119,6 +119,7 @@ class Row:
             "dtype": self.config.dtype,
             "threads": self.config.threads,
             "compiled": self.config.compiled,
+            "cuda_graphs": self.config.graphs,
             "status": self.status,
             "reason": self.reason,
             "texts_per_s": self.texts_per_s,

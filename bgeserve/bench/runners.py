@@ -62,7 +62,7 @@ def open_encoder(config: BenchConfig, settings: RunSettings) -> EncodeFn:
 def _ours(config: BenchConfig, settings: RunSettings, threads: int) -> EncodeFn:
     from bgeserve.embedder import Embedder
 
-    extra = {"backend": "onnx"} if config.kind == "onnx" else {"compile": config.compiled}
+    extra = {"backend": "onnx"} if config.kind == "onnx" else {"compile": config.compiled, "cuda_graphs": config.graphs}
     embedder = Embedder(
         settings.model_path,
         device=config.device,

@@ -124,9 +124,12 @@ class EmbeddingEngine:
         observer: EngineObserver | None = None,
         backend: str = "torch",
         compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> EmbeddingEngine:
         """Loads the model replicas (one per GPU, `replicas_per_device` on CPU) and wires the engine."""
-        backends = build_backends(checkpoint, devices, dtype, threads, replicas_per_device, backend, compile)
+        backends = build_backends(
+            checkpoint, devices, dtype, threads, replicas_per_device, backend, compile, cuda_graphs
+        )
         return cls(checkpoint, backends, config, observer)
 
     # -- life cycle -------------------------------------------------------------------------------

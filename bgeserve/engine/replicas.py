@@ -26,6 +26,7 @@ def build_backends(
     replicas_per_device: int = 1,
     backend: str = "torch",
     compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> list[Backend]:
     """Loads one backend (torch or onnx) per GPU, and `replicas_per_device` of them on the CPU.
 
@@ -43,7 +44,13 @@ def build_backends(
         for _ in range(count):
             backends.append(
                 create_backend(
-                    checkpoint, backend, device=device, dtype=dtype, threads=per_replica, compile=compile
+                    checkpoint,
+                    backend,
+                    device=device,
+                    dtype=dtype,
+                    threads=per_replica,
+                    compile=compile,
+                    cuda_graphs=cuda_graphs,
                 )
             )
     return backends

@@ -15,15 +15,18 @@ def create_backend(
     dtype: str = "auto",
     threads: int | None = None,
     compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> Backend:
     """One model replica on one device; the backend resolves `dtype` ("auto" included) for its device."""
     if backend == "torch":
         from bgeserve.runtime.torch_backend import TorchBackend
 
-        return TorchBackend(checkpoint, device=device, dtype=dtype, threads=threads, compile=compile)
+        return TorchBackend(
+            checkpoint, device=device, dtype=dtype, threads=threads, compile=compile, cuda_graphs=cuda_graphs
+        )
     if backend == "onnx":
-        if compile:
-            raise ValueError("--compile applies to the torch backend only")
+        if compile or cuda_graphs:
+            raise ValueError(f"--{'compile' if compile else 'cuda-graphs'} applies to the torch backend only")
         from bgeserve.runtime.onnx_backend import OnnxBackend
 
         return OnnxBackend(checkpoint, device=device, dtype=dtype, threads=threads)

@@ -14,6 +14,7 @@ from bgeserve.models.heads import token_weights
 from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
 from bgeserve.runtime.cpu_linear import pack_encoder_linears
+from bgeserve.runtime.cuda_graphs import GraphedForward
 from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
 from bgeserve.runtime.int8 import quantize_encoder_int8
 from bgeserve.runtime.packed_outputs import PackedResult, items_from_packed
@@ -35,6 +36,7 @@ class TorchBackend:
         dtype: str = "fp32",
         threads: int | None = None,
         compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -60,7 +62,14 @@ class TorchBackend:
         self._forward = torch.compile(model, dynamic=True) if compile else model
         if compile:
             self._warm_up()
-        log.info("loaded %s on %s (%s%s)", checkpoint.name, self.device, self.dtype, ", compiled" if compile else "")
+        # Small batches on CUDA replay captured graphs (one launch instead of ~15 per layer).
+        self._graphs: GraphedForward | None = None
+        if cuda_graphs and self.device.startswith("cuda"):
+            self._graphs = GraphedForward(self._forward, self.device, self._pad_id)
+        elif cuda_graphs:
+            log.info("CUDA graphs apply to CUDA devices only: not used on %s", self.device)
+        extras = ", compiled" * compile + ", CUDA graphs" * (self._graphs is not None)
+        log.info("loaded %s on %s (%s%s)", checkpoint.name, self.device, self.dtype, extras)
 
     def _calibration_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A few lines of the packaged multilingual corpus, one text per batch (no padding rows)."""
@@ -80,9 +89,17 @@ class TorchBackend:
         self.capabilities.require(want, self.checkpoint.name)
         if not batch:
             return []
+        if self._graphs is not None and self._graphs.fits(len(batch), max(map(len, batch))):
+            return self._run_graphed(batch, want)
         # Compiled graphs want few distinct shapes, so they keep the padded, length-bucketed layout;
         # eager runs pack the batch and spend nothing on padding.
         return self._run_padded(batch, want) if self._compiled else self._run_packed(batch, want)
+
+    def _run_graphed(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
+        packed = PackedBatch.from_sequences(batch, self.device)
+        out = self._graphs(packed.pad(packed.ids, self._pad_id), packed.mask())
+        # Indexing copies the real rows out of the graph's output buffer before anything replays it.
+        return self._outputs(packed, out[packed.segment, packed.offset], want)
 
     def _run_packed(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
         packed = PackedBatch.from_sequences(batch, self.device)

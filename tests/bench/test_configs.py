@@ -33,8 +33,13 @@ def test_compiled_rows_of_the_torch_backend():
     for bad in ("onnx-fp32-compiled", "transformers-fp32-compiled"):
         with pytest.raises(ValueError, match="torch rows"):
             parse_config(bad)
-    with pytest.raises(ValueError, match=r"KIND-DTYPE\[-compiled\]\[-tN\]"):
+    with pytest.raises(ValueError, match=r"KIND-DTYPE\[-compiled\]\[-graphs\]\[-tN\]"):
         parse_config("cpu-fp32-t1-compiled")  # the thread suffix comes last
+    assert parse_config("cuda-fp16-graphs") == BenchConfig("cuda", "fp16", graphs=True)
+    assert parse_config("cuda-bf16-compiled-graphs-t2").name == "cuda-bf16-compiled-graphs-t2"
+    for bad in ("cpu-fp32-graphs", "onnx-fp32-graphs"):
+        with pytest.raises(ValueError, match="cuda rows"):
+            parse_config(bad)
 
 
 @pytest.mark.parametrize("bad", ["cpu-fp16", "gpu-fp32", "cpu", "cpu-fp32-t0", "cpu-fp32-tx", "cpu-fp32-x1"])
@@ -88,7 +93,7 @@ def test_dense_only_peers_are_skipped_for_all_outputs():
 
 
 def test_compiled_rows_load_under_torch_compile(monkeypatch):
-    """`-compiled` reaches Embedder as compile=True (the onnx backend gets no such keyword at all)."""
+    """`-compiled` / `-graphs` reach Embedder as compile / cuda_graphs (the onnx backend gets neither)."""
     import bgeserve.embedder
     from bgeserve.bench.runners import RunSettings, open_encoder
 
@@ -100,7 +105,8 @@ def test_compiled_rows_load_under_torch_compile(monkeypatch):
 
     monkeypatch.setattr(bgeserve.embedder, "Embedder", Recorder)
     settings = RunSettings(model_path="unused")
-    for name in ("cpu-fp32-compiled", "cpu-fp32", "onnx-fp32"):
+    for name in ("cpu-fp32-compiled", "cpu-fp32", "onnx-fp32", "cuda-fp16-graphs"):
         open_encoder(parse_config(name), settings)
-    assert seen[0]["compile"] is True and seen[1]["compile"] is False
+    assert seen[0]["compile"] is True and seen[1]["compile"] is False and seen[1]["cuda_graphs"] is False
     assert "compile" not in seen[2] and seen[2]["backend"] == "onnx"
+    assert seen[3]["cuda_graphs"] is True and seen[3]["device"] == "cuda:0"

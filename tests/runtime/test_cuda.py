@@ -107,3 +107,25 @@ def test_card_product_rate_for_the_matmul_use_column(dtype: str) -> None:
 
     rate = measure_matmul_tflops("cuda:0", dtype, size=4096, repeats=5)
     assert rate is not None and 5 < rate < 5000
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_cuda_graph_replays_equal_eager(m3_checkpoint, dtype: str) -> None:
+    """Small batches replay captured graphs (padded buckets); bigger ones run packed. Both equal eager."""
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    eager = TorchBackend(ckpt, device="cuda:0", dtype=dtype)
+    graphed = TorchBackend(ckpt, device="cuda:0", dtype=dtype, cuda_graphs=True)
+    want = OutputRequest(sparse=True, colbert=True)
+    texts = ["q", "a short query", "a text of a few more words than that one " * 3, "x " * 200]
+    batches = [texts[:1], texts[:3], texts[:2] * 4, texts[:3] * 3, texts]  # 1, 3, 8, 9 texts; the last > 128 tokens
+    tolerance = 2e-3 if dtype == "fp16" else 1e-5
+    for texts_in_batch in batches:
+        ids = ckpt.tokenizer.encode(texts_in_batch, max_length=256).ids
+        for a, b in zip(graphed.run(ids, want), eager.run(ids, want), strict=True):
+            np.testing.assert_allclose(a.dense, b.dense, atol=tolerance)
+            assert a.lexical_weights.keys() == b.lexical_weights.keys()
+            np.testing.assert_allclose(a.colbert_vecs, b.colbert_vecs, atol=tolerance)
+    # The same text gives the same vector whichever graph bucket its batch lands in.
+    alone = graphed.run(ckpt.tokenizer.encode(texts[1:2], max_length=256).ids, want)[0].dense
+    in_four = graphed.run(ckpt.tokenizer.encode(texts[:3] + texts[1:2], max_length=256).ids, want)[3].dense
+    np.testing.assert_allclose(alone, in_four, atol=tolerance)
