@@ -60,10 +60,10 @@ class TorchBackend:
         # Compiled graphs are shape-specialised: lengths are padded to buckets so a few graphs serve all inputs.
         self._compiled = compile
         self._forward = torch.compile(model, dynamic=True) if compile else model
+        self._graphs: GraphedForward | None = None
         if compile:
             self._warm_up()
         # Small batches on CUDA replay captured graphs (one launch instead of ~15 per layer).
-        self._graphs: GraphedForward | None = None
         if cuda_graphs and self.device.startswith("cuda"):
             self._graphs = GraphedForward(self._forward, self.device, self._pad_id)
         elif cuda_graphs:
