@@ -109,21 +109,12 @@ def padded_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     return gathered_attention(qkv, batch.gather_index(), key_mask, batch.scatter_index())
 
 
-def additive_key_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[B, max_len] 1/0 -> [B, 1, 1, max_len] 0 / most negative, the float form of the key mask.
-
-    In an ONNX graph a float mask is one Add on the scores, where a bool one becomes a Where plus an
-    IsNaN guard over every score of every layer. No row is all padding (each text has its CLS token), so
-    the two give the same softmax."""
-    return ((1 - attention_mask.to(dtype)) * torch.finfo(dtype).min)[:, None, None, :]
-
-
 def gathered_attention(
     qkv: torch.Tensor, gather_index: torch.Tensor, key_mask: torch.Tensor, scatter_index: torch.Tensor
 ) -> torch.Tensor:
-    """padded_attention with the layout given as tensors (see PackedBatch), so that it traces into an
-    ONNX graph: two gathers around one masked SDPA. Padding costs attention FLOPs here, not projection ones.
-    `key_mask` is [B, 1, 1, max_len]: bool (True = a token) or additive (see additive_key_mask)."""
+    """padded_attention with the layout given as tensors (see PackedBatch): two gathers around one masked
+    SDPA. Padding costs attention FLOPs here, not projection ones. `key_mask` is [B, 1, 1, max_len], bool
+    (True = a token). (The ONNX export does the same around onnxruntime's fused attention instead.)"""
     total, _, heads, head_dim = qkv.shape
     rows = qkv.reshape(total, 3 * heads * head_dim)
     rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row T: what padded slots read

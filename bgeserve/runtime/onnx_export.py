@@ -42,12 +42,12 @@ from bgeserve.models.config import EncoderConfig
 from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.encoder import packed_positions
 from bgeserve.models.heads import token_weights
-from bgeserve.models.packed import PackedBatch, additive_key_mask, gathered_attention
+from bgeserve.models.packed import PackedBatch
 
 log = logging.getLogger(__name__)
 
 # Bump whenever the exported graph changes (outputs, ops, quantisation recipe): old caches are ignored.
-EXPORTER_VERSION = "bgeserve-onnx-4-int8-rows"
+EXPORTER_VERSION = "bgeserve-onnx-5-fused-attention"
 OPSET = 17
 INPUT_NAMES = ("input_ids", "position_ids", "gather_index", "attention_mask", "scatter_index")
 HIDDEN, TOKEN_WEIGHTS, COLBERT = "last_hidden_state", "token_weights", "colbert"
@@ -88,8 +88,14 @@ class ExportGraph(nn.Module):
         scatter_index: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         # The key mask is made once here, not once per layer.
-        key_mask = additive_key_mask(attention_mask)
-        attend = partial(gathered_attention, gather_index=gather_index, key_mask=key_mask, scatter_index=scatter_index)
+        key_padding = attention_mask.to(torch.int32)
+        attend = partial(
+            multi_head_attention,
+            gather_index=gather_index,
+            key_padding=key_padding,
+            scatter_index=scatter_index,
+            heads=self.model.encoder.cfg.num_heads,
+        )
         hidden = self.model.encoder.encode_tokens(input_ids, position_ids, attend)
         outputs = [hidden]
         if self.model.sparse_linear is not None:
@@ -97,6 +103,50 @@ class ExportGraph(nn.Module):
         if self.model.colbert_linear is not None:
             outputs.append(F.normalize(self.model.colbert_linear(hidden), dim=-1))
         return tuple(outputs)
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """Masked self-attention over [B, S, heads * head_dim] q, k, v that exports as onnxruntime's fused
+    com.microsoft MultiHeadAttention: one node per layer where SDPA traced to ~40 (transposes, shape
+    arithmetic, two matrix products, mask, softmax). On a 9-token query that is ~5 ms of bge-m3's 24 layers
+    on two cores; on 24 short texts ~4% of the batch. Tracing runs `forward`, the same attention in torch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding, heads: int):  # noqa: ANN001, ANN205 - autograd.Function's protocol
+        batch, width, hidden = q.shape
+        q, k, v = (t.view(batch, width, heads, hidden // heads).transpose(1, 2) for t in (q, k, v))
+        mask = key_padding.to(torch.bool)[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(batch, width, hidden)
+
+    @staticmethod
+    def symbolic(g, q, k, v, key_padding, heads: int):  # noqa: ANN001, ANN205
+        # Inputs: query, key, value, [bias], key_padding_mask; the empty bias slot is put in after export
+        # (see _fill_attention_bias_slot): the TorchScript exporter has no public way to write one.
+        return g.op("com.microsoft::MultiHeadAttention", q, k, v, key_padding, num_heads_i=heads)
+
+
+def multi_head_attention(
+    qkv: torch.Tensor, gather_index: torch.Tensor, key_padding: torch.Tensor, scatter_index: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """models.packed.gathered_attention with onnxruntime's fused attention in the middle: packed
+    [T, 3, heads, head_dim] -> padded q, k, v [B, S, hidden] -> MultiHeadAttention -> packed [T, hidden].
+    `key_padding` is the [B, S] int32 mask (1 = a token). `heads` comes from the config, not from a traced
+    shape: the exporter takes an attribute only from a plain Python value."""
+    total, _, _, head_dim = qkv.shape
+    hidden = heads * head_dim
+    rows = qkv.reshape(total, 3 * hidden)
+    rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row T: what padded slots read
+    batch, width = gather_index.shape
+    q, k, v = rows[gather_index].view(batch, width, 3, hidden).unbind(2)
+    ctx = _MultiHeadAttention.apply(q, k, v, key_padding, heads)
+    return ctx.reshape(batch * width, hidden)[scatter_index]
+
+
+def _fill_attention_bias_slot(graph) -> None:  # noqa: ANN001 - an onnx GraphProto
+    """MultiHeadAttention(q, k, v, mask) as traced -> (q, k, v, "", mask): the mask is its fifth input."""
+    for node in graph.node:
+        if node.op_type == "MultiHeadAttention" and len(node.input) == 4:
+            node.input.insert(3, "")
 
 
 def packed_inputs(batch: PackedBatch, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
@@ -254,6 +304,9 @@ def export_onnx(checkpoint: Checkpoint, path: Path, model: EmbeddingModel | None
         )
     # Above 2 GB torch writes one file per tensor next to the graph; re-save as one graph + one data file.
     proto = onnx.load(str(raw_dir / MODEL_FILE), load_external_data=True)
+    _fill_attention_bias_slot(proto.graph)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     proto.producer_name, proto.producer_version = "bgeserve", EXPORTER_VERSION
     _save_with_one_data_file(proto, path)
     del proto

@@ -167,13 +167,20 @@ def test_int8_weights_are_int8(m3_checkpoint, onnx_cache):
     assert linear - (ops.count("Gemm") + ops.count("MatMul")) == 8
 
 
-def test_key_mask_is_one_add_per_layer(m3_checkpoint, onnx_cache):
-    """The additive key mask is built once: no Where / IsNaN pass over every layer's attention scores."""
+def test_attention_is_one_fused_node_per_layer(m3_checkpoint, onnx_cache):
+    """Each layer's attention is onnxruntime's MultiHeadAttention with the [B, S] key mask as its fifth input,
+    not SDPA's traced transposes, mask and softmax (no Where / IsNaN pass over the scores either)."""
     ckpt = load_checkpoint(str(m3_checkpoint))
     for dtype in ("fp32", "int8"):
         path = onnx_export.ensure_onnx_model(ckpt, dtype, onnx_cache)
-        ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
-        assert ops.count("Softmax") == 2 and "Where" not in ops and "IsNaN" not in ops
+        nodes = onnx.load(str(path), load_external_data=False).graph.node
+        ops = [n.op_type for n in nodes]
+        assert ops.count("MultiHeadAttention") == ckpt.config.num_layers == 2
+        assert "Softmax" not in ops and "Where" not in ops and "IsNaN" not in ops
+        for node in (n for n in nodes if n.op_type == "MultiHeadAttention"):
+            assert node.domain == "com.microsoft" and node.input[3] == "" and len(node.input) == 5
+            heads = {a.name: a.i for a in node.attribute}["num_heads"]
+            assert heads == ckpt.config.num_heads
 
 
 @pytest.mark.slow
