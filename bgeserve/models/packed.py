@@ -9,6 +9,7 @@ to the matrix products), and a padded SDPA over scattered rows on CUDA in fp32 w
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,20 +106,28 @@ def per_sequence_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tenso
 
 def padded_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """Spreads the rows into a padded batch for one masked SDPA call, then takes the real rows back."""
+    heads = qkv.shape[2]
     key_mask = batch.mask().to(torch.bool)[:, None, None, :]
-    return gathered_attention(qkv, batch.gather_index(), key_mask, batch.scatter_index())
+
+    def sdpa(padded: torch.Tensor) -> torch.Tensor:
+        b, width = padded.shape[:2]
+        q, k, v = padded.view(b, width, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).transpose(1, 2).reshape(b, width, -1)
+
+    return gathered_attention(qkv, batch.gather_index(), batch.scatter_index(), sdpa)
 
 
 def gathered_attention(
-    qkv: torch.Tensor, gather_index: torch.Tensor, key_mask: torch.Tensor, scatter_index: torch.Tensor
+    qkv: torch.Tensor,
+    gather_index: torch.Tensor,
+    scatter_index: torch.Tensor,
+    attend: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """padded_attention with the layout given as tensors (see PackedBatch): two gathers around one masked
-    SDPA. Padding costs attention FLOPs here, not projection ones. `key_mask` is [B, 1, 1, max_len], bool
-    (True = a token). (The ONNX export does the same around onnxruntime's fused attention instead.)"""
-    total, _, heads, head_dim = qkv.shape
-    rows = qkv.reshape(total, 3 * heads * head_dim)
+    """The padded layout given as tensors (see PackedBatch), so that it also traces into an ONNX graph: packed
+    [T, 3, heads, head_dim] -> padded [B, S, 3, hidden] -> `attend` (masked attention, -> [B, S, hidden]) ->
+    packed [T, hidden]. Padding costs attention FLOPs here, not projection ones."""
+    rows = qkv.reshape(qkv.shape[0], -1)
     rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row T: what padded slots read
     batch, width = gather_index.shape
-    q, k, v = rows[gather_index].view(batch, width, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).transpose(1, 2)
-    return ctx.reshape(batch * width, heads * head_dim)[scatter_index]
+    ctx = attend(rows[gather_index].view(batch, width, 3, -1))
+    return ctx.reshape(batch * width, -1)[scatter_index]

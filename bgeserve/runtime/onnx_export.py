@@ -42,7 +42,7 @@ from bgeserve.models.config import EncoderConfig
 from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.encoder import packed_positions
 from bgeserve.models.heads import token_weights
-from bgeserve.models.packed import PackedBatch
+from bgeserve.models.packed import PackedBatch, gathered_attention
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +128,14 @@ class _MultiHeadAttention(torch.autograd.Function):
 def multi_head_attention(
     qkv: torch.Tensor, gather_index: torch.Tensor, key_padding: torch.Tensor, scatter_index: torch.Tensor, heads: int
 ) -> torch.Tensor:
-    """models.packed.gathered_attention with onnxruntime's fused attention in the middle: packed
-    [T, 3, heads, head_dim] -> padded q, k, v [B, S, hidden] -> MultiHeadAttention -> packed [T, hidden].
-    `key_padding` is the [B, S] int32 mask (1 = a token). `heads` comes from the config, not from a traced
-    shape: the exporter takes an attribute only from a plain Python value."""
-    total, _, _, head_dim = qkv.shape
-    hidden = heads * head_dim
-    rows = qkv.reshape(total, 3 * hidden)
-    rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row T: what padded slots read
-    batch, width = gather_index.shape
-    q, k, v = rows[gather_index].view(batch, width, 3, hidden).unbind(2)
-    ctx = _MultiHeadAttention.apply(q, k, v, key_padding, heads)
-    return ctx.reshape(batch * width, hidden)[scatter_index]
+    """models.packed.gathered_attention around onnxruntime's fused attention. `key_padding` is the [B, S]
+    int32 mask (1 = a token). `heads` comes from the config, not from a traced shape: the exporter takes an
+    attribute only from a plain Python value."""
+
+    def fused(padded: torch.Tensor) -> torch.Tensor:
+        return _MultiHeadAttention.apply(*padded.unbind(2), key_padding, heads)
+
+    return gathered_attention(qkv, gather_index, scatter_index, fused)
 
 
 def _fill_attention_bias_slot(graph) -> None:  # noqa: ANN001 - an onnx GraphProto
