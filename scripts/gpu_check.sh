@@ -169,12 +169,6 @@ PYEOF
     step bench 160 "$OUT/bench.log" "${BG[@]}" bench --model "$CKPT" \
         --configs cpu-fp32,cuda-fp16,cuda-fp16-graphs,cuda-bf16 --compare flagembedding-fp16 \
         --json "$OUT/bench.json" "${bench_extra[@]}"
-    if [ "$LAST_RC" -eq 2 ] && [ "${#bench_extra[@]}" -gt 0 ]; then
-        # An older bench without those options: the plain command.
-        unset 'SUMMARY[-1]'
-        step bench 160 "$OUT/bench.log" "${BG[@]}" bench --model "$CKPT" \
-            --configs cpu-fp32,cuda-fp16,cuda-bf16 --json "$OUT/bench.json"
-    fi
     if [ "$LAST_RC" -ne 0 ]; then
         echo "bench did not complete (status $LAST_RC); see $OUT/bench.log and bench.stderr:" >&2
         tail -n 5 "$OUT/bench.stderr" >&2 || true
