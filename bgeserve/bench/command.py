@@ -249,9 +249,12 @@ def _run_http(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} belongs to the offline mode, not to --url")
     try:
         target = resolve_target(args.url, args.model_name)
-        levels = tuple(int(x) for x in args.concurrency.split(",") if x.strip())
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    try:
+        levels = tuple(int(x) for x in args.concurrency.split(",") if x.strip())
+    except ValueError:
+        levels = ()
     if not levels or min(levels) < 1:
         raise UsageError(f"--concurrency needs positive integers, not {args.concurrency!r}")
     duration = args.duration if args.duration is not None else (None if args.requests else 30.0)

@@ -126,8 +126,9 @@ def test_http_mode_argument_errors(corpus_file, capsys):
     assert code == 2 and "neither" in capsys.readouterr().err
     code = main(["bench", "--url", "http://127.0.0.1:9", "--model", "x", "--corpus", str(corpus_file)])
     assert code == 2 and "--url" in capsys.readouterr().err
-    code = main(["bench", "--url", "http://127.0.0.1:9", "--concurrency", "0", "--corpus", str(corpus_file)])
-    assert code == 2 and "--concurrency" in capsys.readouterr().err
+    for levels in ("0", "a,b", "4,x"):
+        code = main(["bench", "--url", "http://127.0.0.1:9", "--concurrency", levels, "--corpus", str(corpus_file)])
+        assert code == 2 and "--concurrency needs positive integers" in capsys.readouterr().err
 
 
 def test_against_a_real_bgeserve_server(tiny_m3, corpus_file, tmp_path, capsys):
