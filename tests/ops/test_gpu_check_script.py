@@ -85,10 +85,14 @@ def test_carried_wheels_are_installed_first_on_the_path(m3_checkpoint: Path, tmp
         CUDA_VISIBLE_DEVICES="",
         SKIP_STEPS="doctor,gpu-tests,doctor-model,bench-512,bench",
     )
+    # The real-weight model scripts/gpu_wheels.sh puts beside the wheels is what the GPU tests are pointed at.
+    (wheels / "minilm-fp16").mkdir()
+    (wheels / "minilm-fp16" / "config.json").write_text("{}")
     out = tmp_path / "out"
     done = subprocess.run([str(SCRIPT), str(out)], capture_output=True, text=True, env=env, timeout=300)
     table = done.stdout[done.stdout.rindex("\nSTEP ") :]
     assert f"1 wheel(s) into {site}" in table, done.stdout + done.stderr
+    assert f"real-weight model for the GPU tests: {wheels / 'minilm-fp16'}" in done.stderr
     assert (site / "carried_probe" / "__init__.py").is_file()
     assert done.returncode == 0, table
 
@@ -112,3 +116,36 @@ def test_wheel_fetcher_is_valid_bash_and_pins_from_an_interpreter(tmp_path: Path
     env = dict(os.environ, PYTHON=str(tmp_path / "missing-python"))
     done = subprocess.run([str(fetcher), str(tmp_path / "w")], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and "no interpreter" in done.stderr
+
+
+def test_half_model_copy_is_the_same_model_in_half_the_bytes(minilm_path: Path, tmp_path: Path) -> None:
+    """scripts/half_model.py: what gpu_wheels.sh carries to the GPU machine as the tests' real weights."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from bgeserve.models.checkpoint import load_checkpoint
+    from bgeserve.runtime.backend import OutputRequest
+    from bgeserve.runtime.torch_backend import TorchBackend
+
+    script = SCRIPT.parent / "half_model.py"
+    dest = tmp_path / "minilm-fp16"
+    done = subprocess.run([sys.executable, str(script), str(minilm_path), str(dest)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    weights = dest / "model.safetensors"
+    assert {t.dtype for t in load_file(str(weights)).values()} <= {torch.float16, torch.int64}
+    assert weights.stat().st_size < 0.55 * (minilm_path / "model.safetensors").stat().st_size
+    assert (dest / "tokenizer.json").read_bytes() == (minilm_path / "tokenizer.json").read_bytes()
+    texts = ["a short query", "北京 is a city", "The quick brown fox jumps over the lazy dog. " * 20]
+    vectors = []
+    for path in (minilm_path, dest):
+        ckpt = load_checkpoint(str(path))
+        items = TorchBackend(ckpt).run(ckpt.tokenizer.encode(texts, max_length=ckpt.max_length).ids, OutputRequest())
+        vectors.append(np.stack([item.dense for item in items]))
+    assert (vectors[0] * vectors[1]).sum(1).min() >= 0.99999  # fp16 storage only rounds the weights
+
+    for args, message in (([str(tmp_path / "missing"), str(tmp_path / "x")], "is not a directory"),
+                          ([str(tmp_path), str(tmp_path / "x")], "has no model.safetensors"),
+                          ([str(minilm_path)], "usage")):
+        done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+CORPUS_FILE = Path(__file__).resolve().parents[2] / "bgeserve" / "data" / "mixed.txt"
+CORPUS = [line for line in CORPUS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
 ODD = [
     "",
     " ",
@@ -38,13 +42,45 @@ def m3(m3_checkpoint):
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_cuda_matches_cpu_fp32_without_nan(m3, dtype):
+    """Odd inputs on the random tiny bge-m3: finite in every output, close to fp32. Random weights exaggerate
+    bf16's error (bf16 rounding emulated on the CPU gives 0.99989 here, real MiniLM 0.99995), so the issue's
+    0.9999 bar for half precision is asserted on real weights, below."""
     ckpt, ids, exact = m3
     out = TorchBackend(ckpt, device="cuda:0", dtype=dtype).run(ids, OutputRequest(sparse=True, colbert=True))
-    floor = 0.99999 if dtype == "fp32" else 0.9999
+    floor = {"fp32": 0.99999, "fp16": 0.9999, "bf16": 0.999}[dtype]
     for a, b in zip(exact, out, strict=True):
         assert np.isfinite(b.dense).all() and np.isfinite(b.colbert).all()
         assert float(a.dense @ b.dense) >= floor
         assert all(np.isfinite(v) for v in b.lexical_weights.values())
+
+
+@pytest.fixture(scope="module")
+def real_weights():
+    """all-MiniLM-L6-v2's trained weights: $BGESERVE_GPU_TEST_MODEL (gpu_check.sh sets it to the fp16 copy that
+    scripts/gpu_wheels.sh carries), else the bundled package; with the corpus plus the odd inputs."""
+    import os
+
+    from bgeserve.errors import ModelNotFound
+    from bgeserve.models.checkpoint import bundled_model_path
+
+    try:
+        path = os.environ.get("BGESERVE_GPU_TEST_MODEL") or str(bundled_model_path())
+    except ModelNotFound:
+        pytest.skip("no real-weight model: set BGESERVE_GPU_TEST_MODEL (scripts/gpu_wheels.sh makes one)")
+    ckpt = load_checkpoint(path)
+    ids = ckpt.tokenizer.encode(CORPUS + ODD, max_length=ckpt.max_length).ids
+    exact = TorchBackend(ckpt, device="cpu", dtype="fp32").run(ids, OutputRequest())
+    return ckpt, ids, np.stack([item.dense for item in exact])
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_keeps_the_bar_on_real_weights(real_weights, dtype):
+    """Issue 5's GPU bar: fp16/bf16 dense vectors within cosine 0.9999 of fp32, no NaN (CPU emulation of the
+    same rounding: fp16 0.999999, bf16 0.99995 min over these texts)."""
+    ckpt, ids, exact = real_weights
+    got = np.stack([item.dense for item in TorchBackend(ckpt, device="cuda:0", dtype=dtype).run(ids, OutputRequest())])
+    assert np.isfinite(got).all()
+    assert (got * exact).sum(1).min() >= 0.9999
 
 
 def test_auto_dtype_is_bf16_on_cuda_where_supported(m3_checkpoint):

@@ -64,10 +64,12 @@ def test_int8_keeps_top_sparse_tokens(m3_checkpoint):
 
 
 def test_bf16_is_close_and_finite(minilm_corpus):
+    """The issue's bf16 class (min cosine >= 0.9999 vs fp32) on real weights; measured 0.99995 over this corpus
+    (bf16 is emulated on CPUs without it: the same rounding, only slower)."""
     ckpt, ids, exact = minilm_corpus
-    half, _ = _dense(TorchBackend(ckpt, dtype="bf16"), ids[:48])
+    half, _ = _dense(TorchBackend(ckpt, dtype="bf16"), ids)
     assert np.isfinite(half).all()
-    assert (half * exact[:48]).sum(1).min() >= 0.999
+    assert (half * exact).sum(1).min() >= 0.9999
 
 
 def test_compiled_equals_eager(m3_checkpoint):
