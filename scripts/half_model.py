@@ -30,8 +30,8 @@ def half_copy(src: Path, dest: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(src, staging, ignore=shutil.ignore_patterns(WEIGHTS, "*.bin", "*.onnx*", "bgeserve-onnx"))
     tensors = load_file(str(src / WEIGHTS))
-    halved = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    save_file({k: v.contiguous() for k, v in halved.items()}, str(staging / WEIGHTS), metadata={"format": "pt"})
+    halved = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    save_file(halved, str(staging / WEIGHTS), metadata={"format": "pt"})
     shutil.rmtree(dest, ignore_errors=True)
     staging.rename(dest)
     return dest

@@ -20,13 +20,14 @@ import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 from tokenizers.trainers import UnigramTrainer
+
+from bgeserve.data import sample_texts
 
 __all__ = ["SIZES", "M3Size", "write_m3_checkpoint", "main"]
 
@@ -214,11 +215,6 @@ def _stream_safetensors(file: Path, spec: _Spec, tensors: Iterator[tuple[str, to
 
 # --- tokenizer --------------------------------------------------------------------------------------
 
-def _corpus() -> list[str]:
-    text = resources.files("bgeserve").joinpath("data", "mixed.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
-
-
 @functools.lru_cache(maxsize=2)
 def _trained_tokenizer(use_sentencepiece: bool = True) -> tuple[bytes | None, str]:
     """(sentencepiece.bpe.model bytes or None, tokenizer.json text), trained once per process.
@@ -233,10 +229,10 @@ def _trained_tokenizer(use_sentencepiece: bool = True) -> tuple[bytes | None, st
         except ImportError:
             use_sentencepiece = False
     if use_sentencepiece:
-        model = _train_sentencepiece(_corpus())
+        model = _train_sentencepiece(sample_texts())
         vocab, charsmap = _xlmr_vocab_from_spm(model)
         return model, _xlmr_tokenizer(vocab, charsmap).to_str(pretty=True)
-    return None, _xlmr_tokenizer(_train_unigram(_corpus()), None).to_str(pretty=True)
+    return None, _xlmr_tokenizer(_train_unigram(sample_texts()), None).to_str(pretty=True)
 
 
 def _train_sentencepiece(lines: list[str]) -> bytes:

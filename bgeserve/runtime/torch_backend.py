@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.heads import token_weights
@@ -22,7 +22,6 @@ from bgeserve.runtime.packed_outputs import PackedResult, items_from_packed
 log = logging.getLogger(__name__)
 
 COMPILE_LENGTH_BUCKET = 32
-CALIBRATION_CORPUS = Path(__file__).resolve().parent.parent / "data" / "mixed.txt"
 CALIBRATION_TEXTS = 16
 
 
@@ -73,7 +72,7 @@ class TorchBackend:
 
     def _calibration_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A few lines of the packaged multilingual corpus, one text per batch (no padding rows)."""
-        lines = [line for line in CALIBRATION_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = sample_texts()
         step = max(1, len(lines) // CALIBRATION_TEXTS)
         texts = lines[::step][:CALIBRATION_TEXTS]
         ids = self.checkpoint.tokenizer.encode(texts, max_length=min(128, self.checkpoint.max_length)).ids

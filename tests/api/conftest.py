@@ -111,10 +111,9 @@ def minilm_embedder(minilm_path):
 
 def read_texts() -> list[str]:
     """The mixed corpus the benchmarks use: short and long lines, many scripts, fuzz lines."""
-    from importlib import resources
+    from bgeserve.data import sample_texts
 
-    text = resources.files("bgeserve").joinpath("data/mixed.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
+    return sample_texts()
 
 
 @pytest.fixture(scope="session")

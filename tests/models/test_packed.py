@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.packed import PackedBatch, padded_attention, per_sequence_attention
 from bgeserve.runtime.backend import OutputRequest
 from bgeserve.runtime.torch_backend import TorchBackend
 
-CORPUS_FILE = Path(__file__).resolve().parents[2] / "bgeserve" / "data" / "mixed.txt"
-TEXTS = [line for line in CORPUS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()][:24]
+TEXTS = sample_texts()[:24]
 # Lengths from 3 tokens to hundreds, a literal "<pad>" inside a text (XLM-R positions skip it) and a repeat.
 TEXTS += ["hi", "a <pad> inside", " ".join(TEXTS[:6]), TEXTS[0]]
 EVERYTHING = OutputRequest(dense=True, sparse=True, colbert=True, token_embeddings=True)

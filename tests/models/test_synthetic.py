@@ -11,6 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from bgeserve.data import sample_texts
 from bgeserve.models import synthetic
 from bgeserve.models.synthetic import main, write_m3_checkpoint
 
@@ -51,10 +52,6 @@ def _files(path: Path) -> set[str]:
         for p in path.rglob("*")
         if p.is_file() and not p.relative_to(path).as_posix().startswith("bgeserve-onnx/")
     }
-
-
-def _mixed_lines() -> list[str]:
-    return synthetic._corpus()
 
 
 def test_file_set_is_bge_m3s(m3_checkpoint, m3_checkpoint_safetensors):
@@ -137,7 +134,7 @@ def test_transformers_tokenizer_gives_the_same_ids_as_tokenizer_json(m3_checkpoi
 
     reference = AutoTokenizer.from_pretrained(m3_checkpoint)
     fast = Tokenizer.from_file(str(m3_checkpoint / "tokenizer.json"))
-    texts = _mixed_lines() + EXTRA_TEXTS
+    texts = sample_texts() + EXTRA_TEXTS
     mismatches = [t for t in texts if reference(t)["input_ids"] != fast.encode(t).ids]
     assert mismatches == []
     # Rare characters of the corpus's noise lines are unknown, as in the real vocabulary.
@@ -162,7 +159,7 @@ def test_flagembedding_encodes_all_three_outputs(m3_checkpoint):
     from FlagEmbedding import BGEM3FlagModel
 
     model = BGEM3FlagModel(str(m3_checkpoint), use_fp16=False, devices="cpu")
-    texts = _mixed_lines()[:24]
+    texts = sample_texts()[:24]
     out = model.encode(texts, return_dense=True, return_sparse=True, return_colbert_vecs=True)
 
     dense = out["dense_vecs"]
@@ -210,7 +207,7 @@ def test_without_sentencepiece_tokenizer_json_alone_is_written(tmp_path, monkeyp
     assert (path / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
     reference = AutoTokenizer.from_pretrained(path)
     fast = Tokenizer.from_file(str(path / "tokenizer.json"))
-    texts = _mixed_lines()[:50] + EXTRA_TEXTS
+    texts = sample_texts()[:50] + EXTRA_TEXTS
     assert [reference(t)["input_ids"] for t in texts] == [fast.encode(t).ids for t in texts]
     AutoModel.from_pretrained(path)
 

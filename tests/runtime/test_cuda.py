@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from bgeserve import Embedder
+from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime.backend import OutputRequest
 from bgeserve.runtime.torch_backend import TorchBackend
@@ -18,8 +17,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-CORPUS_FILE = Path(__file__).resolve().parents[2] / "bgeserve" / "data" / "mixed.txt"
-CORPUS = [line for line in CORPUS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+CORPUS = sample_texts()
 ODD = [
     "",
     " ",

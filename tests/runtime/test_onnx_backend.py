@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from importlib import resources
 
 import numpy as np
 import pytest
 
+from bgeserve.data import sample_texts
 from bgeserve.errors import DeviceUnavailable, ModelLacksOutput
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime import onnx_export
@@ -31,11 +31,6 @@ TEXTS = [
 ]
 ALL = OutputRequest(dense=True, sparse=True, colbert=True, token_embeddings=True)
 DENSE_ONLY = OutputRequest(dense=True, sparse=False, colbert=False, token_embeddings=True)
-
-
-def _corpus() -> list[str]:
-    text = resources.files("bgeserve").joinpath("data/mixed.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
 
 
 def _assert_same(ours, ref, tol: float = 1e-4) -> None:
@@ -74,7 +69,7 @@ def test_fp32_matches_torch_on_m3(m3_checkpoint, onnx_cache, normalize):
 
 def test_fp32_matches_torch_on_minilm(minilm_path, onnx_cache):
     ckpt = load_checkpoint(str(minilm_path))
-    batch = ckpt.tokenizer.encode(_corpus()[:24] + TEXTS, max_length=ckpt.max_length).ids
+    batch = ckpt.tokenizer.encode(sample_texts()[:24] + TEXTS, max_length=ckpt.max_length).ids
     onnx_backend = OnnxBackend(ckpt, cache_dir=onnx_cache, threads=2)
     assert onnx_backend.hidden_size == 384 and onnx_backend.dtype == "fp32"
     _assert_same(onnx_backend.run(batch, DENSE_ONLY), TorchBackend(ckpt).run(batch, DENSE_ONLY))
@@ -141,7 +136,7 @@ def test_int8_runs_every_output_on_m3(m3_checkpoint, onnx_cache):
 def test_int8_keeps_top_sparse_tokens(m3_checkpoint, onnx_cache):
     """The issue's sparse bar: each text's 10 heaviest tokens stay (nearly) the same under int8."""
     ckpt = load_checkpoint(str(m3_checkpoint))
-    ids = ckpt.tokenizer.encode(_corpus()[:64], max_length=128).ids
+    ids = ckpt.tokenizer.encode(sample_texts()[:64], max_length=128).ids
     want = OutputRequest(dense=False, sparse=True)
     exact = OnnxBackend(ckpt, cache_dir=onnx_cache).run(ids, want)
     quantized = OnnxBackend(ckpt, dtype="int8", cache_dir=onnx_cache).run(ids, want)
@@ -187,7 +182,7 @@ def test_attention_is_one_fused_node_per_layer(m3_checkpoint, onnx_cache):
 def test_int8_keeps_minilm_dense_fidelity(minilm_path, onnx_cache):
     """The issue's bar on real weights: min dense cosine >= 0.995 vs fp32 over the bundled corpus."""
     ckpt = load_checkpoint(str(minilm_path))
-    ids = ckpt.tokenizer.encode(_corpus(), max_length=ckpt.max_length).ids
+    ids = ckpt.tokenizer.encode(sample_texts(), max_length=ckpt.max_length).ids
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     vectors = {}
     for dtype in ("fp32", "int8"):

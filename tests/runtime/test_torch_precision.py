@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime.backend import OutputRequest
 from bgeserve.runtime.devices import auto_dtype, choose_cpu_dtype, cpu_has_native_bf16, matmul_rate, resolve_dtype
 from bgeserve.runtime.torch_backend import TorchBackend
 
-CORPUS_FILE = Path(__file__).resolve().parents[2] / "bgeserve" / "data" / "mixed.txt"
-CORPUS = [line for line in CORPUS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+CORPUS = sample_texts()
 
 
 def _dense(backend: TorchBackend, ids: list[list[int]], want: OutputRequest | None = None):
