@@ -17,6 +17,7 @@ from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime.backend import ItemOutput, OutputRequest
 from bgeserve.runtime.devices import resolve_device
 from bgeserve.runtime.factory import create_backend
+from bgeserve.sparse import sparse_vector
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +137,18 @@ class Embedder:
         return_sparse: bool | None = None,
         return_colbert_vecs: bool | None = None,
         show_progress_bar: bool = False,
+        sparse_format: str = "lexical_weights",
         **_ignored: Any,
     ) -> dict[str, Any]:
         """FlagEmbedding's `encode`: {"dense_vecs", "lexical_weights", "colbert_vecs"} (None when not asked).
 
         Inputs longer than max_length (default: the model's limit) are truncated. A single string in
-        gives unwrapped values out.
+        gives unwrapped values out. `sparse_format="indices_values"` gives each text's lexical weights as
+        `{"indices": [...], "values": [...]}` sorted by token id (a Qdrant / Milvus / Pinecone sparse
+        vector) instead of FlagEmbedding's `{"token_id": weight}`.
         """
+        if sparse_format not in ("lexical_weights", "indices_values"):
+            raise InvalidInput(f"sparse_format must be 'lexical_weights' or 'indices_values', not {sparse_format!r}")
         texts, single = _as_text_list(sentences)
         want = OutputRequest(
             dense=self.return_dense if return_dense is None else return_dense,
@@ -160,7 +166,9 @@ class Embedder:
                 np.stack([it.dense for it in items]) if items else np.zeros((0, self.hidden_size), np.float32)
             )
         if want.sparse:
-            out["lexical_weights"] = [it.lexical_weights for it in items]
+            weights = [it.lexical_weights or {} for it in items]
+            as_vectors = sparse_format == "indices_values"
+            out["lexical_weights"] = [sparse_vector(w) for w in weights] if as_vectors else weights
         if want.colbert:
             out["colbert_vecs"] = [it.colbert for it in items]
         if single:

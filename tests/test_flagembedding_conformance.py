@@ -97,6 +97,18 @@ def test_empty_list_gives_empty_result(pair):
     assert out["lexical_weights"] == [] and out["colbert_vecs"] == []
 
 
+def test_sparse_as_indices_and_values_holds_flagembeddings_weights(pair):
+    ours, flag = pair
+    vectors = ours.encode(TEXTS, return_sparse=True, sparse_format="indices_values")["lexical_weights"]
+    theirs = flag.encode(TEXTS, max_length=MAX_LENGTH, return_sparse=True)["lexical_weights"]
+    for vector, weights in zip(vectors, theirs, strict=True):
+        assert vector["indices"] == sorted(int(k) for k in weights)
+        expected = [weights[str(i)] for i in vector["indices"]]
+        np.testing.assert_allclose(vector["values"], expected, atol=TOL)
+    with pytest.raises(ValueError, match="sparse_format"):
+        ours.encode(TEXTS, return_sparse=True, sparse_format="tei")
+
+
 def test_outputs_not_asked_for_are_none(pair):
     ours, _ = pair
     out = ours.encode(["x"])

@@ -38,7 +38,6 @@ def serve(args: argparse.Namespace) -> int:
         print(f"bgeserve serve: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_json, settings.log_level)
-    log.info("settings: %s", json.dumps(settings.describe()))
 
     # Heavy imports (torch) only once the flags are known to be good.
     from bgeserve.engine.engine import EmbeddingEngine
@@ -64,6 +63,15 @@ def serve(args: argparse.Namespace) -> int:
     except (BgeServeError, ValueError) as exc:
         print(f"bgeserve serve: error: {exc}", file=sys.stderr)
         return 1
+    # What the service really runs with: the defaults that depend on the model and devices resolved.
+    resolved = {
+        "model": str(checkpoint.path),
+        "served_model_name": settings.served_model_name or engine.name,
+        "devices": ",".join(engine.devices),
+        "dtype": engine.dtype,
+        "max_batch_tokens": engine.config.max_batch_tokens,
+    }
+    log.info("settings: %s", json.dumps(settings.describe(resolved)))
     if settings.max_batch_tokens is not None and settings.max_batch_tokens < engine.max_length:
         log.warning(
             "--max-batch-tokens %d is below the model's limit of %d tokens: longest inputs run alone",

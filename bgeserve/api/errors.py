@@ -55,7 +55,8 @@ _KINDS: list[tuple[type[BaseException], ErrorKind]] = [
     (Overloaded, ErrorKind(429, "rate_limit_error", "overloaded", "Overloaded")),
     (EmptyInput, ErrorKind(400, "invalid_request_error", "empty_input", "Empty")),
     (InputTooLong, ErrorKind(400, "invalid_request_error", "context_length_exceeded", "Validation", 422)),
-    (ModelLacksOutput, ErrorKind(400, "invalid_request_error", "model_lacks_output", "Validation", 422)),
+    # TEI answers a route the model type cannot serve (embed_sparse on a non-SPLADE model) as Backend.
+    (ModelLacksOutput, ErrorKind(400, "invalid_request_error", "model_lacks_output", "Backend", 424)),
     (InvalidInput, ErrorKind(400, "invalid_request_error", "invalid_input", "Validation", 422)),
     (RequestTimedOut, ErrorKind(504, "timeout_error", "timeout", "Timeout")),
     (ShuttingDown, ErrorKind(503, "server_error", "unavailable", "Unhealthy")),

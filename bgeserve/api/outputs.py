@@ -12,13 +12,10 @@ from bgeserve.errors import InvalidInput
 from bgeserve.runtime.backend import ItemOutput
 
 
-def check_batch_size(count: int, limit: int, what: str = "inputs") -> None:
-    """Rejects a request with more inputs than --max-client-batch-size."""
+def check_batch_size(count: int, limit: int, what: str = "inputs", flag: str = "--max-client-batch-size") -> None:
+    """Rejects a request with more inputs than the route's limit (`flag` names the setting)."""
     if count > limit:
-        raise InvalidInput(
-            f"{count} {what} in one request, more than the limit of {limit} (--max-client-batch-size); "
-            f"split the request"
-        )
+        raise InvalidInput(f"{count} {what} in one request, more than the limit of {limit} ({flag}); split the request")
 
 
 def check_dimensions(dimensions: int | None, hidden_size: int) -> None:
@@ -50,12 +47,6 @@ def dense_matrix(outputs: Sequence[ItemOutput], dimensions: int | None, normaliz
 def to_base64(array: np.ndarray) -> str:
     """Standard base64 of the little-endian float32 bytes, row-major (what OpenAI clients decode)."""
     return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode("ascii")
-
-
-def sparse_values(weights: dict[str, float]) -> list[dict[str, float | int]]:
-    """Lexical weights as TEI's `[{"index", "value"}]`, sorted by token id."""
-    pairs = sorted((int(token), float(value)) for token, value in weights.items())
-    return [{"index": index, "value": value} for index, value in pairs]
 
 
 def timing_headers(result: EncodeResult) -> dict[str, str]:

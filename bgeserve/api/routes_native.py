@@ -14,6 +14,7 @@ from bgeserve.api.state import ServiceDep
 from bgeserve.errors import InvalidInput
 from bgeserve.runtime.backend import OutputRequest
 from bgeserve.scoring import DEFAULT_WEIGHTS
+from bgeserve.sparse import sparse_vector
 
 router = APIRouter(tags=["native bge-m3"], dependencies=[Depends(require_api_key)])
 
@@ -36,7 +37,11 @@ async def encode(body: EncodeRequest, request: Request, svc: ServiceDep) -> JSON
         if body.return_dense:
             item["dense_vecs"] = to_base64(output.dense) if as_base64 else output.dense.tolist()
         if body.return_sparse:
-            item["lexical_weights"] = {k: float(v) for k, v in (output.lexical_weights or {}).items()}
+            weights = output.lexical_weights or {}
+            if body.sparse_format == "indices_values":
+                item["lexical_weights"] = sparse_vector(weights)
+            else:
+                item["lexical_weights"] = {k: float(v) for k, v in weights.items()}
         if body.return_colbert_vecs:
             item["colbert_vecs"] = to_base64(output.colbert) if as_base64 else output.colbert.tolist()
         data.append(item)

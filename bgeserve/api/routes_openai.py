@@ -22,7 +22,7 @@ async def create_embeddings(
 ) -> JSONResponse:
     """Dense embeddings, L2-normalised, as OpenAI returns them (float lists or base64 float32)."""
     inputs = as_input_list(body.input)
-    check_batch_size(len(inputs), svc.settings.max_client_batch_size)
+    check_batch_size(len(inputs), svc.settings.max_openai_batch_size, flag="--max-openai-batch-size")
     check_dimensions(body.dimensions, svc.engine.hidden_size)
     svc.note_requested_model(body.model)
     result = await unless_disconnected(request, svc.engine.encode(inputs, OutputRequest(dense=True)))

@@ -14,7 +14,6 @@ from bgeserve.api.outputs import (
     check_dimensions,
     check_prompt_name,
     dense_matrix,
-    sparse_values,
     timing_headers,
     truncation_direction,
 )
@@ -25,8 +24,11 @@ from bgeserve.api.schemas import (
     EmbedSparseRequest,
     Rank,
     RerankRequest,
+    SimilarityParameters,
+    SimilarityRequest,
     SimpleToken,
     SparseValue,
+    SparseVector,
     TokenizeRequest,
     as_input_list,
 )
@@ -34,6 +36,7 @@ from bgeserve.api.scores import dense_scores, hybrid_scores
 from bgeserve.api.state import ServiceDep
 from bgeserve.engine.errors import EmptyInput
 from bgeserve.runtime.backend import OutputRequest
+from bgeserve.sparse import sparse_vector, tei_sparse_values
 
 router = APIRouter(tags=["TEI"], dependencies=[Depends(require_api_key)])
 health_router = APIRouter(tags=["TEI"])
@@ -57,21 +60,32 @@ async def _encode_inputs(body, request: Request, svc: ServiceDep, want: OutputRe
 
 
 @router.post("/embed", response_model=list[list[float]])
+@router.post("/", response_model=list[list[float]], summary="Embed (TEI's route to the model's task)")
+@router.post("/invocations", response_model=list[list[float]], include_in_schema=False)
 async def embed(body: EmbedRequest, request: Request, svc: ServiceDep) -> JSONResponse:
-    """Dense embeddings, one list per input (normalised unless `normalize` is false)."""
+    """Dense embeddings, one list per input (normalised unless `normalize` is false).
+
+    `POST /` (and SageMaker's `/invocations`) is the same route: TEI sends a request to the root to
+    the model's task, which is embedding for every model bgeserve serves (huggingface_hub's
+    `InferenceClient(model=URL).feature_extraction` posts there).
+    """
     check_dimensions(body.dimensions, svc.engine.hidden_size)
     result = await _encode_inputs(body, request, svc, OutputRequest(dense=True, normalize_dense=body.normalize))
     matrix = dense_matrix(result.outputs, body.dimensions, normalize=body.normalize)
     return JSONResponse(matrix.tolist(), headers=timing_headers(result))
 
 
-@router.post("/embed_sparse", response_model=list[list[SparseValue]])
+@router.post("/embed_sparse", response_model=list[list[SparseValue]] | list[SparseVector])
 async def embed_sparse(
     body: EmbedSparseRequest, request: Request, svc: ServiceDep
 ) -> JSONResponse:
-    """bge-m3 lexical weights per input as `[{"index": token_id, "value": weight}]`, sorted by index."""
+    """bge-m3 lexical weights per input as `[{"index": token_id, "value": weight}]`, sorted by index.
+
+    With `sparse_format: "indices_values"`, one `{"indices": [...], "values": [...]}` per input instead.
+    """
     result = await _encode_inputs(body, request, svc, OutputRequest(dense=False, sparse=True))
-    content = [sparse_values(output.lexical_weights or {}) for output in result.outputs]
+    shape = sparse_vector if body.sparse_format == "indices_values" else tei_sparse_values
+    content = [shape(output.lexical_weights or {}) for output in result.outputs]
     return JSONResponse(content, headers=timing_headers(result))
 
 
@@ -121,6 +135,29 @@ async def rerank(body: RerankRequest, request: Request, svc: ServiceDep) -> JSON
             rank["text"] = body.texts[i]
         content.append(rank)
     return JSONResponse(content, headers=timing_headers(result))
+
+
+@router.post("/similarity", response_model=list[float])
+async def similarity(body: SimilarityRequest, request: Request, svc: ServiceDep) -> JSONResponse:
+    """Cosine similarity of `inputs.source_sentence` to each of `inputs.sentences`, in order (TEI)."""
+    sentences = body.inputs.sentences
+    if not sentences:
+        raise EmptyInput("`inputs.sentences` cannot be empty")
+    # The source sentence counts towards the batch, as in TEI.
+    check_batch_size(len(sentences) + 1, svc.settings.max_client_batch_size)
+    parameters = body.parameters or SimilarityParameters()
+    check_prompt_name(parameters.prompt_name)
+    result = await unless_disconnected(
+        request,
+        svc.engine.encode(
+            [body.inputs.source_sentence, *sentences],
+            OutputRequest(dense=True),
+            truncate=parameters.truncate,
+            direction=truncation_direction(parameters.truncation_direction),
+        ),
+    )
+    source, *others = result.outputs
+    return JSONResponse(dense_scores([source] * len(others), others), headers=timing_headers(result))
 
 
 @router.post("/tokenize", response_model=list[list[SimpleToken]])
@@ -182,6 +219,9 @@ async def metrics(svc: ServiceDep) -> Response:
 
 
 @health_router.get("/health")
+@health_router.head("/health", include_in_schema=False)
+@health_router.get("/", include_in_schema=False)  # TEI's root health route
+@health_router.get("/ping", include_in_schema=False)  # SageMaker's
 async def health(request: Request, svc: ServiceDep) -> Response:
     """200 while every replica is serving, 503 otherwise. Needs no API key."""
     if svc.engine.healthy:

@@ -95,8 +95,8 @@ class EmbedRequest(_Body):
     prompt_name: str | None = None
 
 
-class EmbedSparseRequest(_Body):
-    """`POST /embed_sparse` (bge-m3 lexical weights)."""
+class EmbedAllRequest(_Body):
+    """`POST /embed_all` (last hidden state of every token)."""
 
     inputs: TextOrIds
     truncate: bool | None = None
@@ -104,13 +104,42 @@ class EmbedSparseRequest(_Body):
     prompt_name: str | None = None
 
 
-class EmbedAllRequest(EmbedSparseRequest):
-    """`POST /embed_all` (last hidden state of every token)."""
+class EmbedSparseRequest(EmbedAllRequest):
+    """`POST /embed_sparse` (bge-m3 lexical weights)."""
+
+    sparse_format: Literal["tei", "indices_values"] = Field(
+        "tei",
+        description='tei: `[{"index", "value"}]` per input; indices_values: `{"indices": [...], "values": [...]}` '
+        "per input, the sparse vector of Qdrant, Milvus and Pinecone",
+    )
 
 
 class SparseValue(BaseModel):
     index: int
     value: float
+
+
+class SparseVector(BaseModel):
+    indices: list[int]
+    values: list[float]
+
+
+class SimilarityInput(_Body):
+    source_sentence: str
+    sentences: list[str]
+
+
+class SimilarityParameters(_Body):
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = "right"
+    prompt_name: str | None = None
+
+
+class SimilarityRequest(_Body):
+    """`POST /similarity`: cosine similarity of `source_sentence` to each of `sentences` (TEI)."""
+
+    inputs: SimilarityInput
+    parameters: SimilarityParameters | None = None
 
 
 class RerankRequest(_Body):
@@ -176,12 +205,17 @@ class EncodeRequest(_Body):
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: dense_vecs and colbert_vecs as little-endian float32 bytes (row-major)"
     )
+    sparse_format: Literal["lexical_weights", "indices_values"] = Field(
+        "lexical_weights",
+        description='lexical_weights: `{"token_id": weight}` as FlagEmbedding returns it; indices_values: '
+        '`{"indices": [...], "values": [...]}` sorted by token id (Qdrant, Milvus, Pinecone sparse vectors)',
+    )
 
 
 class EncodeItem(BaseModel):
     index: int
     dense_vecs: list[float] | str | None = None
-    lexical_weights: dict[str, float] | None = None
+    lexical_weights: dict[str, float] | SparseVector | None = None
     colbert_vecs: list[list[float]] | str | None = None
 
 

@@ -76,9 +76,16 @@ class ServeSettings:
     max_batch_requests: int | None = field(
         default=None, metadata=_flag("inputs per forward pass (default: bounded by the token budget only)")
     )
-    max_client_batch_size: int = field(default=32, metadata=_flag("inputs one request may send"))
+    max_client_batch_size: int = field(
+        default=32, metadata=_flag("inputs one request may send on the TEI and native routes (TEI's limit)")
+    )
+    max_openai_batch_size: int = field(
+        default=2048, metadata=_flag("inputs one /v1/embeddings request may send (the OpenAI API's limit)")
+    )
     max_concurrent_requests: int = field(
-        default=512, metadata=_flag("inputs in flight across all requests; beyond it: HTTP 429 at once")
+        default=512,
+        metadata=_flag("input slots in flight across all requests; none free: HTTP 429 at once (a request "
+                       "holds at most a quarter of them and streams larger batches through those)"),
     )
     payload_limit: int = field(default=2_000_000, metadata=_flag("largest request body in bytes (HTTP 413)"))
     request_timeout: float | None = field(
@@ -98,6 +105,7 @@ class ServeSettings:
     def __post_init__(self) -> None:
         positive = (
             "max_client_batch_size",
+            "max_openai_batch_size",
             "max_concurrent_requests",
             "payload_limit",
             "replicas_per_device",
@@ -116,11 +124,6 @@ class ServeSettings:
             raise SettingsError("--request-timeout must be positive (leave it out for no limit)")
         if self.batch_wait_ms < 0:
             raise SettingsError("--batch-wait-ms must not be negative")
-        if self.max_client_batch_size > self.max_concurrent_requests:
-            raise SettingsError(
-                f"--max-client-batch-size ({self.max_client_batch_size}) cannot exceed "
-                f"--max-concurrent-requests ({self.max_concurrent_requests}): such a request could never run"
-            )
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"--log-level must be debug, info, warning or error, not {self.log_level!r}")
 
@@ -171,9 +174,10 @@ class ServeSettings:
             tokenization_workers=self.tokenization_workers,
         )
 
-    def describe(self) -> dict[str, Any]:
-        """The settings as printed at start-up (the API key masked)."""
-        shown = dataclasses.asdict(self)
+    def describe(self, resolved: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The settings as printed at start-up (the API key masked), with `resolved` values for defaults
+        that depend on the model and devices (the checkpoint path, the token budget, ...)."""
+        shown = {**dataclasses.asdict(self), **(resolved or {})}
         if self.api_key:
             shown["api_key"] = "***"
         return shown

@@ -43,6 +43,8 @@ class EngineConfig:
     request_timeout: float | None = None
     auto_truncate: bool = True
     tokenization_workers: int = 2
+    # Inputs one request may have queued or running at once; None: a quarter of the slots.
+    request_window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,8 @@ class EmbeddingEngine:
         limit = self.resolve_max_length(max_length)
         truncate = self.config.auto_truncate if truncate is None else truncate
         loop = asyncio.get_running_loop()
-        with self.slots.hold(len(inputs)):
+        window = min(len(inputs), self.window_size)
+        with self.slots.hold(window):
             items: list[WorkItem] = []
             try:
                 async with asyncio.timeout(self.config.request_timeout):
@@ -228,8 +231,7 @@ class EmbeddingEngine:
                     )
                     tokenized = time.monotonic()
                     items = [WorkItem(ids, want, loop, loop.create_future()) for ids in prepared.ids]
-                    self.batcher.put(items)
-                    results = await asyncio.gather(*(item.future for item in items))
+                    results = await self._run_through_window(items, window)
             except TimeoutError as exc:
                 raise RequestTimedOut(
                     f"the request did not finish within the server's timeout of "
@@ -255,6 +257,33 @@ class EmbeddingEngine:
             timings=Timings(tokenized - started, queue, inference, time.monotonic() - started),
         )
 
+    @property
+    def window_size(self) -> int:
+        """Most inputs one request has queued or running at once (default: a quarter of the slots).
+
+        A request of more inputs streams through its window (the next input is queued as one finishes),
+        so a 2048-input OpenAI request runs without holding every slot, and a small request that arrives
+        behind it waits for at most a window of its inputs, not all of them.
+        """
+        window = self.config.request_window or self.slots.capacity // 4
+        return max(1, min(window, self.slots.capacity))
+
+    async def _run_through_window(self, items: list[WorkItem], window: int) -> list:
+        """Queues `window` items, then one more each time one finishes; results in item order."""
+        self.batcher.put(items[:window])
+        waiting = {item.future for item in items[:window]}
+        queued = window
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                future.result()  # an error fails the request now; the caller cancels the rest
+            more = items[queued: queued + len(done)]
+            queued += len(more)
+            if more:
+                self.batcher.put(more)
+                waiting |= {item.future for item in more}
+        return [item.future.result() for item in items]
+
     def _prepare(
         self, inputs: Sequence[str | list[int]], limit: int, truncate: bool, direction: str
     ) -> _Prepared:
@@ -273,11 +302,11 @@ class EmbeddingEngine:
                 texts.append(value)
                 characters += len(value)
             else:
-                seq = self._check_ids(index, list(value))
+                seq = self._check_own_ids(index, list(value))
                 if len(seq) > limit:
                     if not truncate:
                         raise InputTooLong(index, len(seq), limit)
-                    seq = seq[:limit] if direction == "right" else seq[-limit:]
+                    seq = self.tokenizer.truncate_ids(seq, limit, direction)
                     truncated += 1
                 ids[index] = seq
         if texts:
@@ -290,6 +319,24 @@ class EmbeddingEngine:
                 truncated += int(was_cut)
                 ids[position] = seq
         return _Prepared(ids=ids, truncated=truncated, characters=characters)  # type: ignore[arg-type]
+
+    def _check_own_ids(self, index: int, seq: list[int]) -> list[int]:
+        """Ids to embed must be this model's tokenization: in its vocabulary, framed by its special tokens.
+
+        A client that tokenises with another tokenizer (langchain-openai's tiktoken, say) sends ids that
+        are valid numbers but mean other words here; embedding them would give a silently wrong vector.
+        """
+        seq = self._check_ids(index, seq)
+        if not self.tokenizer.is_own_tokenization(seq):
+            prefix, suffix = list(self.tokenizer.prefix_ids), list(self.tokenizer.suffix_ids)
+            raise InvalidInput(
+                f"input {index} is a list of token ids that does not start with {prefix} and end with "
+                f"{suffix}, the special tokens this model's tokenizer adds, so it is not this model's "
+                f"tokenization (ids from another tokenizer would embed other words). Send the text "
+                f"instead, or ids from POST /tokenize. langchain-openai sends tiktoken ids by default: "
+                f"use OpenAIEmbeddings(..., check_embedding_ctx_length=False)"
+            )
+        return seq
 
     def _check_ids(self, index: int, seq: list[int]) -> list[int]:
         if not seq:

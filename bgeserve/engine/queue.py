@@ -88,10 +88,13 @@ class TokenBudgetBatcher:
         return len(self._pending)
 
     def put(self, items: list[WorkItem]) -> None:
-        """Adds the items of one request (all at once, so they can share a batch)."""
+        """Adds items of one request (together, so they can share a batch), behind everything queued."""
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the server is shutting down and takes no new work")
+            now = time.monotonic()
+            for item in items:
+                item.enqueued_at = now  # a request streaming through its window queues items late
             self._pending.extend(items)
             self._cond.notify_all()
 

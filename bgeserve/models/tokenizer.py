@@ -46,6 +46,34 @@ class TextTokenizer:
             if token.special
         )
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.prefix_ids, self.suffix_ids = self._template_ends()
+
+    def _template_ends(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The special ids the tokenizer puts before and after a text (`<s>` ... `</s>`, `[CLS]` ... `[SEP]`)."""
+        enc = self._tok.encode("a", add_special_tokens=True)
+        mask = enc.special_tokens_mask
+        lead = next((i for i, special in enumerate(mask) if not special), len(mask))
+        trail = next((i for i, special in enumerate(reversed(mask)) if not special), 0)
+        return tuple(enc.ids[:lead]), tuple(enc.ids[len(enc.ids) - trail:])
+
+    def is_own_tokenization(self, ids: list[int]) -> bool:
+        """True when `ids` start and end with this tokenizer's special tokens, as its own encoding does."""
+        prefix, suffix = self.prefix_ids, self.suffix_ids
+        return (
+            len(ids) >= len(prefix) + len(suffix)
+            and tuple(ids[: len(prefix)]) == prefix
+            and tuple(ids[len(ids) - len(suffix):]) == suffix
+        )
+
+    def truncate_ids(self, ids: list[int], max_length: int, direction: str = "right") -> list[int]:
+        """Cuts an own tokenization to `max_length` the way text truncation does: special tokens kept."""
+        if len(ids) <= max_length:
+            return ids
+        head, tail = len(self.prefix_ids), len(self.suffix_ids)
+        body = ids[head: len(ids) - tail]
+        keep = max_length - head - tail
+        body = body[:keep] if direction == "right" else body[len(body) - keep:]
+        return [*ids[:head], *body, *ids[len(ids) - tail:]]
 
     @classmethod
     def from_dir(cls, path: Path) -> TextTokenizer:

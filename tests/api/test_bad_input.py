@@ -33,7 +33,7 @@ CASES = [
     ("/rerank", {"query": "q", "texts": []}, 400, "cannot be empty"),
     ("/score", {"pairs": []}, 400, "cannot be empty"),
     ("/embed", {"inputs": TOO_MANY}, 422, "limit of 32"),
-    ("/v1/embeddings", {"input": TOO_MANY}, 400, "limit of 32"),
+    ("/v1/embeddings", {"input": ["x"] * 2049}, 400, "limit of 2048 (--max-openai-batch-size)"),
     ("/rerank", {"query": "q", "texts": TOO_MANY}, 422, "limit of 32"),
     ("/embed", {"inputs": LONG, "truncate": False}, 422, "limit of 512"),
     ("/embed_sparse", {"inputs": ["ok", LONG], "truncate": False}, 422, "input 1"),
@@ -102,17 +102,14 @@ def test_nan_and_infinite_numbers_are_refused(http):
 def test_degenerate_inputs_never_come_back_as_nan(http):
     # Only padding / special tokens, a one-dimension cut of such a vector, repeated special ids.
     for body in (
-        {"input": [[1, 1, 1, 1]], "encoding_format": "float"},
+        {"input": [[0, 1, 1, 1, 1, 2]], "encoding_format": "float"},
         {"input": [[0, 2]], "dimensions": 1, "encoding_format": "float"},
-        {"input": [[3] * 40], "encoding_format": "float"},
+        {"input": [[0, *[3] * 40, 2]], "encoding_format": "float"},
     ):
         response = http.post("/v1/embeddings", json=body)
-        if response.status_code == 200:
-            values = response.json()["data"][0]["embedding"]
-            assert all(math.isfinite(v) for v in values)
-        else:
-            assert 400 <= response.status_code < 600
-            assert "error" in response.json()
+        assert response.status_code == 200, response.text
+        values = response.json()["data"][0]["embedding"]
+        assert values and all(math.isfinite(v) for v in values)
     response = http.post("/encode", json={"input": [[0, 2]], "return_sparse": True, "return_colbert_vecs": True})
     assert response.status_code == 200
     item = response.json()["data"][0]

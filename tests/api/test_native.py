@@ -79,3 +79,16 @@ def test_outputs_the_model_lacks_are_4xx(minilm_server):
         assert response.status_code == 400
         assert response.json()["error"]["code"] == "model_lacks_output"
         assert "MiniLM" in response.json()["error"]["message"]
+
+
+def test_encode_sparse_as_indices_and_values_with_dense_in_one_call(http):
+    body = {"input": TEXTS, "return_dense": True, "return_sparse": True}
+    plain = http.post("/encode", json=body).json()["data"]
+    paired = http.post("/encode", json={**body, "sparse_format": "indices_values"}).json()["data"]
+    for a, b in zip(plain, paired, strict=True):
+        assert b["dense_vecs"] == a["dense_vecs"]
+        weights = {int(k): v for k, v in a["lexical_weights"].items()}
+        assert b["lexical_weights"]["indices"] == sorted(weights)
+        assert b["lexical_weights"]["values"] == [weights[i] for i in sorted(weights)]
+    bad = http.post("/encode", json={**body, "sparse_format": "tei"})
+    assert bad.status_code == 400 and "sparse_format" in bad.json()["error"]["message"]

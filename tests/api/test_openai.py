@@ -88,3 +88,24 @@ def test_client_errors_surface_as_openai_errors(client):
         client.embeddings.create(model="minilm", input="x", dimensions=10_000)
     assert "384" in info.value.message
     assert info.value.body["param"] == "dimensions"
+
+
+def test_a_batch_of_2048_inputs_works_with_default_settings(client, minilm_server):
+    texts = [f"passage number {i} about embeddings" for i in range(2048)]
+    response = client.embeddings.create(model="minilm", input=texts, encoding_format="float", timeout=300)
+    assert [item.index for item in response.data] == list(range(2048))
+    expected = httpx.post(
+        f"{minilm_server.url}/embed", json={"inputs": [texts[0], texts[2047]]},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ).json()
+    np.testing.assert_allclose(response.data[0].embedding, expected[0], atol=1e-6)
+    np.testing.assert_allclose(response.data[2047].embedding, expected[1], atol=1e-6)
+    with pytest.raises(openai.BadRequestError, match="--max-openai-batch-size"):
+        client.embeddings.create(model="minilm", input=[*texts, "one too many"])
+
+
+def test_token_ids_of_another_tokenizer_get_a_400_that_names_the_fix(client):
+    # tiktoken's cl100k ids for "hello world", as langchain-openai sends them by default.
+    with pytest.raises(openai.BadRequestError, match="check_embedding_ctx_length=False") as caught:
+        client.embeddings.create(model="minilm", input=[[15339, 1917]])
+    assert caught.value.body["code"] == "invalid_input"

@@ -23,6 +23,7 @@ def test_defaults_are_safe():
     assert settings.model is None and settings.api_key is None
     # No budget set: the engine picks one for its devices (see tests/engine).
     assert settings.max_batch_tokens is None and settings.max_client_batch_size == 32
+    assert settings.max_openai_batch_size == 2048
     assert parse(["--max-batch-tokens", "4096"]).max_batch_tokens == 4096
     assert settings.max_concurrent_requests == 512 and settings.payload_limit == 2_000_000
     assert settings.auto_truncate is True and settings.devices == "auto"
@@ -43,7 +44,7 @@ def test_flags_win_over_environment_and_device_is_honoured():
     ("argv", "env", "words"),
     [
         (["--max-batch-tokens", "0"], {}, "max-batch-tokens"),
-        (["--max-client-batch-size", "600"], {}, "cannot exceed"),
+        (["--max-openai-batch-size", "0"], {}, "max-openai-batch-size"),
         (["--port", "70000"], {}, "port"),
         ([], {"BGESERVE_PORT": "eighty"}, "BGESERVE_PORT"),
         ([], {"BGESERVE_LOG_JSON": "perhaps"}, "boolean"),

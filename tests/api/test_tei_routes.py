@@ -113,8 +113,8 @@ def test_info_health_and_docs(http):
 def test_minilm_lacks_sparse_but_reranks_dense_only(minilm_server, minilm_embedder):
     auth = {"Authorization": f"Bearer {API_KEY}"}
     sparse = httpx.post(f"{minilm_server.url}/embed_sparse", json={"inputs": "x"}, headers=auth)
-    assert sparse.status_code == 422
-    assert "sparse_linear.pt" in sparse.json()["error"]
+    assert sparse.status_code == 424  # TEI's status for a route the model type cannot serve
+    assert sparse.json()["error_type"] == "Backend" and "sparse_linear.pt" in sparse.json()["error"]
     texts = ["Paris is the capital of France", "Bananas are yellow"]
     ranks = httpx.post(
         f"{minilm_server.url}/rerank", json={"query": "capital of France", "texts": texts}, headers=auth
@@ -122,3 +122,67 @@ def test_minilm_lacks_sparse_but_reranks_dense_only(minilm_server, minilm_embedd
     vecs = minilm_embedder.encode(["capital of France", *texts])["dense_vecs"]
     assert ranks[0]["index"] == 0
     assert ranks[0]["score"] == pytest.approx(float(vecs[0] @ vecs[1]), abs=1e-5)
+
+
+def test_root_and_invocations_embed_like_embed(http):
+    # huggingface_hub's InferenceClient(model=URL).feature_extraction posts to the root, as TEI routes it.
+    body = {"inputs": ["What is BGE M3?", "Definition of BM25"], "normalize": True}
+    expected = http.post("/embed", json=body).json()
+    for path in ("/", "/invocations"):
+        response = http.post(path, json=body)
+        assert response.status_code == 200, response.text
+        np.testing.assert_array_equal(response.json(), expected)
+        assert "x-compute-time" in response.headers
+    assert http.post("/", json={"inputs": []}).status_code == 400
+    for path in ("/", "/ping"):
+        assert http.get(path).json() == {"status": "ok"}
+    assert http.head("/health").status_code == 200
+
+
+def test_similarity_is_the_cosine_of_the_embed_vectors(http):
+    source, others = "What is BM25?", ["BM25 ranks documents", "A cat sat on the mat", "What is BM25?"]
+    response = http.post(
+        "/similarity", json={"inputs": {"source_sentence": source, "sentences": others}, "parameters": None}
+    )
+    assert response.status_code == 200, response.text
+    vectors = np.array(http.post("/embed", json={"inputs": [source, *others]}).json())
+    np.testing.assert_allclose(response.json(), vectors[1:] @ vectors[0], atol=1e-5)
+    assert response.json()[2] == pytest.approx(1.0, abs=1e-5)
+    with_parameters = http.post(
+        "/similarity",
+        json={"inputs": {"source_sentence": source, "sentences": others},
+              "parameters": {"truncate": True, "truncation_direction": "Left"}},
+    )
+    np.testing.assert_allclose(with_parameters.json(), response.json(), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error_type", "words"),
+    [
+        ({"inputs": {"source_sentence": "a", "sentences": []}}, 400, "Empty", "inputs.sentences"),
+        ({"inputs": {"source_sentence": "a", "sentences": ["b"] * 32}}, 422, "Validation", "33 inputs"),
+        ({"inputs": {"source_sentence": "a"}}, 422, "Validation", "sentences"),
+        ({"inputs": "a"}, 422, "Validation", "inputs"),
+        ({"inputs": {"source_sentence": "a", "sentences": ["b"]}, "parameters": {"prompt_name": "q"}}, 422,
+         "Validation", "prompt_name"),
+    ],
+)
+def test_similarity_errors_have_tei_codes(http, body, status, error_type, words):
+    response = http.post("/similarity", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error_type"] == error_type
+    assert words in response.json()["error"]
+
+
+def test_embed_sparse_as_indices_and_values(http):
+    texts = ["BM25 is a bag-of-words retrieval function", "What is BGE M3?"]
+    tei = http.post("/embed_sparse", json={"inputs": texts}).json()
+    vectors = http.post("/embed_sparse", json={"inputs": texts, "sparse_format": "indices_values"}).json()
+    assert len(vectors) == 2
+    for pairs, vector in zip(tei, vectors, strict=True):
+        assert set(vector) == {"indices", "values"}
+        assert vector["indices"] == [p["index"] for p in pairs] == sorted(vector["indices"])
+        assert vector["values"] == [p["value"] for p in pairs]
+        assert len(vector["indices"]) > 0
+    bad = http.post("/embed_sparse", json={"inputs": texts, "sparse_format": "qdrant"})
+    assert bad.status_code == 422 and bad.json()["error_type"] == "Validation"

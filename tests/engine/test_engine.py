@@ -86,7 +86,7 @@ def test_two_replicas_share_one_queue(fake_checkpoint):
 
 def test_full_slots_fail_at_once_with_overloaded_and_free_after(fake_checkpoint):
     backend = FakeBackend()
-    engine = make_engine(fake_checkpoint, [backend], max_concurrent_inputs=3)
+    engine = make_engine(fake_checkpoint, [backend], max_concurrent_inputs=3, request_window=3)
 
     async def main():
         backend.gate.clear()
@@ -94,8 +94,6 @@ def test_full_slots_fail_at_once_with_overloaded_and_free_after(fake_checkpoint)
         await asyncio.to_thread(backend.entered.wait, 5)
         with pytest.raises(Overloaded):
             await engine.encode(["three", "four"], DENSE)
-        with pytest.raises(Overloaded, match="never fit"):
-            await engine.encode(["a", "b", "c", "d"], DENSE)
         # One slot is still free.
         small = asyncio.create_task(engine.encode(["five"], DENSE))
         backend.gate.set()
@@ -109,7 +107,7 @@ def test_full_slots_fail_at_once_with_overloaded_and_free_after(fake_checkpoint)
 
 def test_cancelled_request_frees_slots_and_never_runs(fake_checkpoint):
     backend = FakeBackend()
-    engine = make_engine(fake_checkpoint, [backend], max_concurrent_inputs=8)
+    engine = make_engine(fake_checkpoint, [backend], max_concurrent_inputs=8, request_window=8)
 
     async def main():
         backend.gate.clear()
@@ -160,7 +158,7 @@ def test_truncation_and_length_limit(fake_checkpoint):
         with pytest.raises(InputTooLong, match="limit of 64"):
             await engine.encode(["short", long_text], DENSE, truncate=False)
         with pytest.raises(InputTooLong):
-            await engine.encode([list(range(1000, 1100))], DENSE, truncate=False)
+            await engine.encode([[101, *range(1000, 1100), 102]], DENSE, truncate=False)
         capped = await engine.encode(["word " * 30], DENSE, max_length=10)
         assert capped.outputs[0].num_tokens == 10
         with pytest.raises(InvalidInput, match="max_length"):
@@ -190,6 +188,118 @@ def test_token_id_inputs_are_used_as_given(fake_checkpoint):
 
     result = run(main())
     np.testing.assert_array_equal(result.outputs[0].dense, result.outputs[1].dense)
+
+
+def test_token_ids_of_another_tokenizer_are_refused_with_the_fix(fake_checkpoint):
+    engine = make_engine(fake_checkpoint, [FakeBackend()])
+    # What langchain-openai sends by default: tiktoken cl100k ids, no [CLS] ... [SEP] around them.
+    foreign = [[9906, 1917, 0], [101, 2023], [2023, 102]]
+
+    async def main():
+        for ids in foreign:
+            with pytest.raises(InvalidInput, match="check_embedding_ctx_length=False") as caught:
+                await engine.encode([[101, 7592, 102], ids], DENSE)
+            assert "input 1" in str(caught.value) and "[101]" in str(caught.value)
+        assert engine.slots.taken == 0
+        # The special tokens alone are what an empty text tokenises to: still this model's ids.
+        await engine.encode([[101, 102]], DENSE)
+        await engine.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_long_token_ids_are_cut_like_the_text_they_came_from(fake_checkpoint, direction):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend])
+    text = " ".join(f"w{i}" for i in range(120))
+    ids = fake_checkpoint.tokenizer.encode([text], 10_000).ids[0]
+    assert len(ids) > 64
+
+    async def main():
+        from_text = await engine.encode([text], DENSE, direction=direction)
+        from_ids = await engine.encode([ids], DENSE, direction=direction)
+        await engine.stop()
+        return from_text, from_ids
+
+    from_text, from_ids = run(main())
+    assert from_ids.truncated == 1
+    text_seq, ids_seq = backend.batches[0][0], backend.batches[1][0]
+    assert ids_seq == text_seq and len(ids_seq) == 64
+    assert ids_seq[0] == 101 and ids_seq[-1] == 102
+    kept = ids[1:63] if direction == "right" else ids[-63:-1]
+    assert ids_seq[1:-1] == kept
+    np.testing.assert_array_equal(from_ids.outputs[0].dense, from_text.outputs[0].dense)
+
+
+def test_a_request_larger_than_its_window_streams_through_it(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend], max_concurrent_inputs=8, max_batch_requests=8)
+    assert engine.window_size == 2
+    texts = [f"text number {i}" for i in range(9)]
+    seen_taken = []
+
+    async def main():
+        task = asyncio.create_task(engine.encode(texts, DENSE))
+        while not task.done():
+            seen_taken.append(engine.slots.taken)
+            await asyncio.sleep(0)
+        result = await task
+        await engine.stop()
+        return result
+
+    result = run(main())
+    assert max(seen_taken) == 2 and engine.slots.taken == 0
+    assert max(len(batch) for batch in backend.batches) <= 2
+    assert sum(len(batch) for batch in backend.batches) == 9
+    expected = fake_checkpoint.tokenizer.encode(texts, 64).ids
+    for output, ids in zip(result.outputs, expected, strict=True):
+        np.testing.assert_array_equal(output.dense, expected_dense(ids))
+
+
+def test_a_small_request_is_not_kept_waiting_behind_a_big_one(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend], max_concurrent_inputs=8)
+    finished: list[str] = []
+
+    async def request(name: str, texts: list[str]) -> None:
+        await engine.encode(texts, DENSE)
+        finished.append(name)
+
+    async def main():
+        backend.gate.clear()
+        big = asyncio.create_task(request("big", [f"bulk text {i}" for i in range(40)]))
+        await asyncio.to_thread(backend.entered.wait, 5)
+        small = asyncio.create_task(request("small", ["a query"]))
+        while engine.queue_depth < 1:
+            await asyncio.sleep(0.01)
+        backend.gate.set()
+        await asyncio.gather(big, small)
+        await engine.stop()
+
+    run(main())
+    assert finished == ["small", "big"]
+    # The small request ran within the first few batches, not after the 40 bulk inputs.
+    position = next(i for i, batch in enumerate(backend.batches) if any(23032 in s for s in batch))
+    assert position <= 2, backend.batches
+
+
+def test_requests_past_the_slots_are_refused_at_once(fake_checkpoint):
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend], max_concurrent_inputs=4)
+
+    async def main():
+        backend.gate.clear()
+        big = [asyncio.create_task(engine.encode([f"bulk {i} {j}" for j in range(5)], DENSE)) for i in range(4)]
+        while engine.slots.taken < 4:
+            await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="at capacity"):
+            await engine.encode(["one more"], DENSE)
+        backend.gate.set()
+        await asyncio.gather(*big)
+        await engine.stop()
+
+    run(main())
 
 
 @pytest.mark.parametrize(
