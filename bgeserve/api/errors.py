@@ -8,18 +8,23 @@ Two shapes, chosen by the route family:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bgeserve.engine.errors import EmptyInput, NonFiniteOutput, RequestTimedOut, ShuttingDown
 from bgeserve.errors import InputTooLong, InvalidInput, ModelLacksOutput, Overloaded
 
 log = logging.getLogger(__name__)
+
+BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
 OPENAI_PREFIXES = ("/v1/", "/embeddings", "/encode", "/score")
 
@@ -123,6 +128,27 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, b
         parts.append(f"`{field}`: {message}" if field else message)
     unique = list(dict.fromkeys(parts))
     return "; ".join(unique) or "invalid request", param, False
+
+
+async def json_body(request: Request) -> Any:
+    """The request body as JSON, for routes that pick their schema from it; bad JSON fails as elsewhere."""
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = getattr(exc, "pos", getattr(exc, "start", None))
+        detail = getattr(exc, "msg", "not UTF-8")
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body", where), "msg": "JSON decode error", "ctx": {"error": detail}}]
+        ) from exc
+
+
+def validated(schema: type[BodyModel], payload: Any) -> BodyModel:
+    """`payload` checked against `schema`, its errors reported like those of any other route's body."""
+    try:
+        return schema.model_validate(payload)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, Response
 from bgeserve import __version__
 from bgeserve.api.auth import require_api_key
 from bgeserve.api.cancellation import unless_disconnected
-from bgeserve.api.errors import ErrorKind, error_response
+from bgeserve.api.errors import ErrorKind, error_response, json_body, validated
 from bgeserve.api.outputs import (
     check_batch_size,
     check_dimensions,
@@ -60,15 +60,8 @@ async def _encode_inputs(body, request: Request, svc: ServiceDep, want: OutputRe
 
 
 @router.post("/embed", response_model=list[list[float]])
-@router.post("/", response_model=list[list[float]], summary="Embed (TEI's route to the model's task)")
-@router.post("/invocations", response_model=list[list[float]], include_in_schema=False)
 async def embed(body: EmbedRequest, request: Request, svc: ServiceDep) -> JSONResponse:
-    """Dense embeddings, one list per input (normalised unless `normalize` is false).
-
-    `POST /` (and SageMaker's `/invocations`) is the same route: TEI sends a request to the root to
-    the model's task, which is embedding for every model bgeserve serves (huggingface_hub's
-    `InferenceClient(model=URL).feature_extraction` posts there).
-    """
+    """Dense embeddings, one list per input (normalised unless `normalize` is false)."""
     check_dimensions(body.dimensions, svc.engine.hidden_size)
     result = await _encode_inputs(body, request, svc, OutputRequest(dense=True, normalize_dense=body.normalize))
     matrix = dense_matrix(result.outputs, body.dimensions, normalize=body.normalize)
@@ -158,6 +151,33 @@ async def similarity(body: SimilarityRequest, request: Request, svc: ServiceDep)
     )
     source, *others = result.outputs
     return JSONResponse(dense_scores([source] * len(others), others), headers=timing_headers(result))
+
+
+@router.post(
+    "/",
+    response_model=list[list[float]] | list[float],
+    summary="Embed or similarity (TEI's route to the model's task)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"oneOf": [
+                {"$ref": "#/components/schemas/EmbedRequest"},
+                {"$ref": "#/components/schemas/SimilarityRequest"},
+            ]}}},
+        }
+    },
+)
+@router.post("/invocations", include_in_schema=False)  # SageMaker's name for the same route
+async def task(request: Request, svc: ServiceDep) -> JSONResponse:
+    """`/embed` for an embed body, `/similarity` for a body whose `inputs` is an object.
+
+    huggingface_hub's `InferenceClient(model=URL)` posts both `feature_extraction` and
+    `sentence_similarity` here; TEI itself serves one of them per process (its TASK variable).
+    """
+    payload = await json_body(request)
+    if isinstance(payload, dict) and isinstance(payload.get("inputs"), dict):
+        return await similarity(validated(SimilarityRequest, payload), request, svc)
+    return await embed(validated(EmbedRequest, payload), request, svc)
 
 
 @router.post("/tokenize", response_model=list[list[SimpleToken]])

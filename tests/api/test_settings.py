@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +71,13 @@ def test_cli_reports_bad_settings_and_missing_model_without_traceback(tmp_path):
     )
     assert missing.returncode == 1
     assert "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_start_up_line_shows_the_values_the_server_runs_with(minilm_server):
+    line = next(line for line in minilm_server.log().splitlines() if "settings: " in line)
+    shown = json.loads(line.split("settings: ", 1)[1])
+    # No --model and no --max-batch-tokens: the bundled model's directory and the CPU budget, not null.
+    assert (Path(shown["model"]) / "tokenizer.json").is_file()
+    assert shown["max_batch_tokens"] == 2048
+    assert shown["served_model_name"] == "minilm" and shown["devices"] == "cpu" and shown["dtype"] == "fp32"
+    assert shown["api_key"] == "***"

@@ -134,6 +134,14 @@ def test_root_and_invocations_embed_like_embed(http):
         np.testing.assert_array_equal(response.json(), expected)
         assert "x-compute-time" in response.headers
     assert http.post("/", json={"inputs": []}).status_code == 400
+    assert http.post("/", json={"inputs": 5}).json()["error_type"] == "Validation"
+    broken = http.post("/", content=b'{"inputs": ', headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]
+    # huggingface_hub's sentence_similarity posts here too, with `inputs` an object.
+    pair = {"inputs": {"source_sentence": "What is BM25?", "sentences": ["BM25 ranks", "What is BM25?"]},
+            "parameters": {}}
+    for path in ("/", "/invocations"):
+        assert http.post(path, json=pair).json() == http.post("/similarity", json=pair).json()
     for path in ("/", "/ping"):
         assert http.get(path).json() == {"status": "ok"}
     assert http.head("/health").status_code == 200
