@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bgeserve import __version__
 from bgeserve.api import routes_native, routes_openai, routes_tei
+from bgeserve.api.docs import install_docs
 from bgeserve.api.errors import PayloadTooLarge, install_error_handlers, response_for_exception
 from bgeserve.api.metrics import ServiceMetrics
 from bgeserve.api.settings import ServeSettings
@@ -51,9 +52,12 @@ def create_app(settings: ServeSettings, engine: EmbeddingEngine) -> FastAPI:
         description="Embeddings of BAAI/bge-m3 (dense, sparse, ColBERT) and BERT-family models, "
         "over OpenAI-compatible, TEI-compatible and native routes.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = Service(settings=settings, engine=engine, metrics=metrics, model_name=model_name)
     install_error_handlers(app)
+    install_docs(app)
     routers = [routes_openai.router, routes_tei.router, routes_tei.health_router, routes_native.router]
     for router in routers:
         app.include_router(router)
