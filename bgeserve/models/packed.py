@@ -98,8 +98,11 @@ def per_sequence_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tenso
     out = qkv.new_empty(qkv.shape[0], qkv.shape[2] * qkv.shape[3])
     start = 0
     for n, chunk in zip(batch.lengths, qkv.split(batch.lengths), strict=True):
-        q, k, v = chunk.permute(1, 2, 0, 3)  # each [heads, n, head_dim]
-        out[start : start + n] = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(n, -1)
+        # 4-D [1, heads, n, head_dim]: the CPU's fused (flash) SDPA kernel takes only 4-D inputs; 3-D ones
+        # fall back to the unfused math path, several times slower in fp32 and bf16 alike.
+        q, k, v = chunk.permute(1, 2, 0, 3).unsqueeze(1)
+        ctx = F.scaled_dot_product_attention(q, k, v)[0]  # [heads, n, head_dim]
+        out[start : start + n] = ctx.transpose(0, 1).reshape(n, -1)
         start += n
     return out
 

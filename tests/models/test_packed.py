@@ -59,6 +59,29 @@ def test_padded_attention_equals_per_sequence():
     assert torch.equal(per_sequence_attention(qkv2, batch)[7:], loop[7:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_attention_runs_the_fused_kernel_not_the_math_fallback(dtype):
+    from torch.profiler import ProfilerActivity, profile
+
+    lengths = [9, 3, 40]
+    batch = PackedBatch.from_sequences([[5] * n for n in lengths])
+    qkv = torch.randn(sum(lengths), 3, 4, 16).to(dtype)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = per_sequence_attention(qkv, batch)
+    ops = {event.name for event in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops, sorted(ops)
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+    # Same numbers as attention written out in fp32, one sequence at a time.
+    start = 0
+    for n in lengths:
+        q, k, v = qkv[start : start + n].float().permute(1, 2, 0, 3)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        expected = (weights @ v).transpose(0, 1).reshape(n, -1)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[start : start + n].float(), expected, atol=tolerance, rtol=tolerance)
+        start += n
+
+
 def test_packed_batch_layout():
     batch = PackedBatch.from_sequences([[1, 2, 3], [4], [5, 6]])
     assert batch.ids.tolist() == [1, 2, 3, 4, 5, 6]
