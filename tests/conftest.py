@@ -7,6 +7,7 @@ must copy the directory first (`shutil.copytree(m3_checkpoint, tmp_path / "m3")`
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,85 @@ def minilm_path() -> Path:
     from bgeserve.models.checkpoint import bundled_model_path
 
     return bundled_model_path()
+
+
+@dataclass(frozen=True)
+class CpuClass:
+    """An x86-64 CPU class bgeserve is tested on, as the code sees it, and what the code must pick there."""
+
+    name: str
+    flags: frozenset[str]  # spelled alike in /proc/cpuinfo and torch.cpu.get_capabilities() for those used
+    fp32_rate: float  # FLOP/s of the start-up matrix product (runtime.devices.matmul_rate)
+    bf16_rate: float
+    auto_dtype: str  # what `dtype=auto` must run on it
+    int8_weights: str  # the ONNX int8 weight encoding it must get: s8 with VNNI, else u8
+
+    @property
+    def onednn_packs_bf16(self) -> bool:
+        """oneDNN has bf16 kernels from AVX512-BW (AVX512-BF16 / AMX run them natively); AVX2 has none."""
+        return bool(self.flags & {"avx512bw", "amx_bf16"})
+
+
+_AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
+_AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+_AMX = frozenset({"amx_tile", "amx_bf16", "amx_int8"})
+CPU_CLASSES = {
+    cpu.name: cpu
+    for cpu in (
+        # AMD EPYC (Zen 2/3): AVX2 only, so no native bf16 (never measured) and u8 x s8 saturates.
+        CpuClass("epyc-avx2", _AVX2, 100e9, 25e9, "fp32", "u8"),
+        # Intel Alder Lake and later clients: AVX2 with AVX-VNNI, no AVX-512.
+        CpuClass("avx2-avx-vnni", _AVX2 | {"avx_vnni"}, 100e9, 25e9, "fp32", "s8"),
+        # AMD Zen 5: AVX512-BF16 and AVX512-VNNI; bf16 products measured faster than fp32.
+        CpuClass("zen5-avx512-bf16", _AVX512 | {"avx512_bf16"}, 200e9, 400e9, "bf16", "s8"),
+        # Intel Xeon Sapphire Rapids and later: AMX tiles for bf16 and int8.
+        CpuClass("xeon-amx", _AVX512 | _AMX | {"avx512_bf16"}, 200e9, 1.6e12, "bf16", "s8"),
+    )
+}
+
+
+@pytest.fixture()
+def simulate_cpu(monkeypatch: pytest.MonkeyPatch):
+    """`simulate_cpu(name)` makes bgeserve see CPU_CLASSES[name] instead of this CPU: its features (the bf16 and
+    the int8 choices), its matrix-product rates and whether oneDNN packs bf16 weights. The kernels that run are
+    still this machine's, so only tests whose numbers hold on any x86-64 CPU should use it."""
+    import torch
+
+    from bgeserve.runtime import devices, onnx_export
+
+    def simulate(name: str) -> CpuClass:
+        cpu = CPU_CLASSES[name]
+        rates = {torch.float32: cpu.fp32_rate, torch.bfloat16: cpu.bf16_rate}
+        monkeypatch.setattr(devices, "cpu_capabilities", lambda: dict.fromkeys(cpu.flags, True))
+        monkeypatch.setattr(devices, "matmul_rate", rates.__getitem__)
+        monkeypatch.setattr(onnx_export, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": cpu.flags)
+        if not cpu.onednn_packs_bf16:
+            _refuse_onednn_bf16(monkeypatch)
+        devices._cpu_auto_dtype.cache_clear()
+        return cpu
+
+    yield simulate
+    # The next test measures its own CPU again.
+    devices._cpu_auto_dtype.cache_clear()
+
+
+def _refuse_onednn_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packing a bf16 weight for oneDNN fails, as it does on CPUs without AVX-512 (fp32 still packs)."""
+    import torch
+
+    from bgeserve.runtime import cpu_linear, devices
+
+    class Avx2PackedWeightLinear(cpu_linear.PackedWeightLinear):
+        def __init__(self, linear: torch.nn.Linear, gelu: str | None = None) -> None:
+            if linear.weight.dtype == torch.bfloat16:
+                raise RuntimeError("mkldnn: bf16 path needs the cpu support avx512bw, avx512vl and avx512dq")
+            super().__init__(linear, gelu)
+
+    monkeypatch.setattr(cpu_linear, "PackedWeightLinear", Avx2PackedWeightLinear)
+    monkeypatch.setattr(devices, "PackedWeightLinear", Avx2PackedWeightLinear)
+
+
+@pytest.fixture(params=list(CPU_CLASSES))
+def cpu_class(request: pytest.FixtureRequest, simulate_cpu) -> CpuClass:
+    """A test taking this runs once per CPU class, bgeserve seeing that class's features and rates."""
+    return simulate_cpu(request.param)

@@ -38,7 +38,7 @@ def test_file_in_file_out_with_bundled_model(tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("\n".join(f"sentence number {i}" for i in range(40)) + "\n")
     dst = tmp_path / "out.jsonl"
-    proc = _encode(["-i", str(src), "-o", str(dst)], "")
+    proc = _encode(["-i", str(src), "-o", str(dst), "--dtype", "fp32"], "")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
     assert len(rows) == 40 and len(rows[0]["dense_vecs"]) == 384

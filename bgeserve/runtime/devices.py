@@ -6,7 +6,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -58,9 +58,15 @@ def resolve_devices(spec: str | None) -> list[str]:
     return [resolve_device(part) for part in spec.split(",") if part.strip()]
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPU features that make bf16 matrix products faster than fp32."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+def cpu_capabilities() -> Mapping[str, object]:
+    """This CPU's features as torch detects them (`avx2`, `avx512_bf16`, `amx_bf16`, ... -> bool)."""
+    return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+
+
+def cpu_has_native_bf16(capabilities: Mapping[str, object] | None = None) -> bool:
+    """AVX512-BF16 or AMX: the CPU features that make bf16 matrix products faster than fp32.
+    `capabilities`: feature -> present, as cpu_capabilities() gives them (the default)."""
+    caps = cpu_capabilities() if capabilities is None else capabilities
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
@@ -102,7 +108,8 @@ def auto_dtype(device: str) -> tuple[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def _cpu_auto_dtype() -> tuple[str, str]:
-    # Cached: the measurement is of the machine, which does not change while the process runs.
+    # Cached: the measurement is of the machine, which does not change while the process runs (tests that
+    # stand in another CPU's features and rates call cache_clear()).
     return choose_cpu_dtype(cpu_has_native_bf16(), matmul_rate)
 
 

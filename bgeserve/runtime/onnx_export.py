@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Collection
 from functools import partial
 from pathlib import Path
 
@@ -201,17 +202,23 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "model"
 
 
-def cpu_has_vnni() -> bool:
-    """True when the CPU multiplies u8 x s8 without 16-bit saturation (AVX512-VNNI, AVX-VNNI, AMX)."""
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The first CPU's feature flags in `cpuinfo` (`avx2`, `avx512_vnni`, `amx_int8`, ...); empty when
+    unreadable (not Linux)."""
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+        with open(cpuinfo, encoding="ascii", errors="replace") as info:
             for line in info:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_vnni(flags: Collection[str] | None = None) -> bool:
+    """True when the CPU multiplies u8 x s8 without 16-bit saturation (AVX512-VNNI, AVX-VNNI, AMX).
+    `flags`: /proc/cpuinfo's, as cpu_flags() reads them (the default)."""
+    return bool(set(cpu_flags() if flags is None else flags) & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def ensure_onnx_model(

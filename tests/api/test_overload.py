@@ -13,16 +13,17 @@ import pytest
 
 from .conftest import Server
 
-SLOTS = 4
+SLOTS = 4  # inputs per request here, and the most slots one request holds: a quarter of CAPACITY
+CAPACITY = 4 * SLOTS
 
 
 @pytest.fixture(scope="module")
 def slow_server(m3_checkpoint, tmp_path_factory):
-    """Four input slots, and an idle replica that waits 1 s for more inputs: slots stay taken a while."""
+    """Sixteen input slots, and an idle replica that waits 1 s for more inputs: slots stay taken a while."""
     server = Server(
         [
-            "--model", str(m3_checkpoint), "--devices", "cpu",
-            "--max-concurrent-requests", str(SLOTS), "--max-client-batch-size", str(SLOTS),
+            "--model", str(m3_checkpoint), "--devices", "cpu", "--dtype", "fp32",
+            "--max-concurrent-requests", str(CAPACITY), "--max-client-batch-size", str(SLOTS),
             "--batch-wait-ms", "1000",
         ],
         tmp_path_factory.mktemp("logs") / "slow.log",
@@ -66,7 +67,7 @@ def test_client_that_disconnects_frees_its_slots(slow_server):
     ).encode() + body
     with socket.create_connection(("127.0.0.1", slow_server.port)) as sock:
         sock.sendall(request)
-        # The request now holds every slot, waiting out the 1 s batch window.
+        # The request now holds its share of the slots, waiting out the 1 s batch window.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and _inflight(slow_server) < SLOTS:
             time.sleep(0.02)
@@ -88,7 +89,7 @@ def _inflight(server: Server) -> float:
 
 def test_sigterm_finishes_in_flight_requests(m3_checkpoint, tmp_path):
     server = Server(
-        ["--model", str(m3_checkpoint), "--devices", "cpu", "--batch-wait-ms", "1000", "--log-json"],
+        ["--model", str(m3_checkpoint), "--devices", "cpu", "--dtype", "fp32", "--batch-wait-ms", "1000", "--log-json"],
         tmp_path / "drain.log",
     )
     result: dict = {}

@@ -146,7 +146,7 @@ def test_against_a_real_bgeserve_server(tiny_m3, corpus_file, tmp_path, capsys):
     log_file = tmp_path / "serve.log"
     with log_file.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bgeserve", "serve", "--model", str(tiny_m3), "--devices", "cpu",
+            [sys.executable, "-m", "bgeserve", "serve", "--model", str(tiny_m3), "--devices", "cpu", "--dtype", "fp32",
              "--host", "127.0.0.1", "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "BGESERVE_THREADS": "1"},
         )

@@ -92,13 +92,27 @@ def test_doctor_with_a_missing_model_fails_without_traceback(
 
 
 def test_doctor_model_checks_all_three_bge_m3_outputs(m3_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(["doctor", "--json", "--model", str(m3_checkpoint), "--device", "cpu"]) == 0
+    assert run_cli(["doctor", "--json", "--model", str(m3_checkpoint), "--device", "cpu", "--dtype", "fp32"]) == 0
     report = json.loads(capsys.readouterr().out)
     model = report["checks"][-1]
     assert model["name"] == "model" and model["status"] == "ok", model
     assert "on cpu (fp32)" in model["evidence"]
     assert "finite, norm 1.0" in model["evidence"]
     assert "sparse" in model["evidence"] and "colbert" in model["evidence"]
+
+
+def test_doctor_model_names_the_dtype_auto_picked(
+    m3_checkpoint: Path, capsys: pytest.CaptureFixture[str], cpu_class
+) -> None:
+    """Without --dtype the model loads at auto, and the evidence says what auto resolved to on this CPU class."""
+    from bgeserve.runtime.devices import auto_dtype
+
+    assert run_cli(["doctor", "--json", "--model", str(m3_checkpoint), "--device", "cpu"]) == 0
+    model = json.loads(capsys.readouterr().out)["checks"][-1]
+    assert model["name"] == "model" and model["status"] == "ok", model
+    assert auto_dtype("cpu")[0] == cpu_class.auto_dtype
+    assert f"on cpu ({cpu_class.auto_dtype})" in model["evidence"]
+    assert "finite, norm 1.0" in model["evidence"]
 
 
 def test_doctor_model_on_a_missing_gpu_fails_with_the_reason(

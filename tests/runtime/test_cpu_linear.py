@@ -54,3 +54,22 @@ def test_bf16_packs_or_leaves_the_encoder_alone(m3_checkpoint):
     kinds = {type(layer.qkv) for layer in model.encoder.layers}
     assert kinds == ({PackedWeightLinear} if packed else {nn.Linear})
     torch.testing.assert_close(model(ids, mask), before, atol=2e-2, rtol=2e-2)
+
+
+@torch.inference_mode()
+def test_bf16_on_a_cpu_without_onednn_bf16_keeps_torchs_gemm(m3_checkpoint, simulate_cpu):
+    """The AVX2 branch on any CPU: oneDNN refuses the bf16 weights, so nothing is swapped and the encoder runs."""
+    simulate_cpu("epyc-avx2")
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    model = EmbeddingModel(ckpt)
+    model.encoder.set_compute_dtype(torch.bfloat16)
+    ids = torch.tensor([[0, 5, 6, 7, 8, 2]])
+    mask = torch.ones_like(ids)
+    before = model(ids, mask)
+    assert pack_encoder_linears(model.encoder, ckpt.config.hidden_act) is False
+    kinds = {type(getattr(layer, name)) for layer in model.encoder.layers for name in ("qkv", "ffn_in", "ffn_out")}
+    assert kinds == {nn.Linear}
+    torch.testing.assert_close(model(ids, mask), before)
+    # fp32 still packs there: only bf16 lacks oneDNN kernels on AVX2.
+    fp32 = EmbeddingModel(ckpt)
+    assert pack_encoder_linears(fp32.encoder, ckpt.config.hidden_act)

@@ -53,6 +53,21 @@ def _assert_same(ours, ref, tol: float = 1e-4) -> None:
             )
 
 
+@pytest.fixture(params=["u8", "s8"])
+def int8_weights(request, simulate_cpu) -> str:
+    """An int8 accuracy test runs once per weight encoding this CPU multiplies exactly: u8 on every x86-64 CPU,
+    s8 only with VNNI (without it u8 x s8 products saturate at 16 bits, so s8 is never chosen there). The
+    encoding is pinned through the CPU features the export sees, not left to this machine's."""
+    if request.param == "s8" and not onnx_export.cpu_has_vnni():
+        pytest.skip("s8 weights are for VNNI CPUs; this one has none (its exports get u8)")
+    simulate_cpu("epyc-avx2" if request.param == "u8" else "xeon-amx")
+    return request.param
+
+
+def _int8_export_encoding(path) -> str:
+    return {"int8u8": "u8", "int8s8": "s8"}[path.parent.name.rsplit("-", 1)[1]]
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 def test_fp32_matches_torch_on_m3(m3_checkpoint, onnx_cache, normalize):
     ckpt = load_checkpoint(str(m3_checkpoint))
@@ -114,7 +129,7 @@ def test_factory_builds_onnx_backend(m3_checkpoint, onnx_cache, monkeypatch):
     assert backend.run([[0, 5, 6, 2]], ALL)[0].colbert.shape == (3, 32)
 
 
-def test_int8_runs_every_output_on_m3(m3_checkpoint, onnx_cache):
+def test_int8_runs_every_output_on_m3(m3_checkpoint, onnx_cache, int8_weights):
     ckpt = load_checkpoint(str(m3_checkpoint))
     batch = ckpt.tokenizer.encode(TEXTS, max_length=ckpt.max_length).ids
     reference = TorchBackend(ckpt).run(batch, ALL)
@@ -122,7 +137,7 @@ def test_int8_runs_every_output_on_m3(m3_checkpoint, onnx_cache):
         path = onnx_export.ensure_onnx_model(ckpt, "int8", onnx_cache, signed_weights=signed)
         assert path.parent.name.endswith("int8s8" if signed else "int8u8")
     backend = OnnxBackend(ckpt, dtype="int8", cache_dir=onnx_cache)
-    assert backend.dtype == "int8"
+    assert backend.dtype == "int8" and _int8_export_encoding(backend.model_path) == int8_weights
     out = backend.run(batch, ALL)
     for a, b in zip(out, reference, strict=True):
         assert float(a.dense @ b.dense) > 0.99
@@ -133,13 +148,15 @@ def test_int8_runs_every_output_on_m3(m3_checkpoint, onnx_cache):
         assert a.lexical_weights[top] == pytest.approx(b.lexical_weights[top], rel=0.1)
 
 
-def test_int8_keeps_top_sparse_tokens(m3_checkpoint, onnx_cache):
+def test_int8_keeps_top_sparse_tokens(m3_checkpoint, onnx_cache, int8_weights):
     """The issue's sparse bar: each text's 10 heaviest tokens stay (nearly) the same under int8."""
     ckpt = load_checkpoint(str(m3_checkpoint))
     ids = ckpt.tokenizer.encode(sample_texts()[:64], max_length=128).ids
     want = OutputRequest(dense=False, sparse=True)
     exact = OnnxBackend(ckpt, cache_dir=onnx_cache).run(ids, want)
-    quantized = OnnxBackend(ckpt, dtype="int8", cache_dir=onnx_cache).run(ids, want)
+    int8 = OnnxBackend(ckpt, dtype="int8", cache_dir=onnx_cache)
+    assert _int8_export_encoding(int8.model_path) == int8_weights
+    quantized = int8.run(ids, want)
 
     def top(weights: dict[str, float]) -> set[str]:
         return set(sorted(weights, key=weights.get, reverse=True)[:10])
@@ -149,13 +166,18 @@ def test_int8_keeps_top_sparse_tokens(m3_checkpoint, onnx_cache):
     assert np.mean(overlap) >= 0.9 and min(overlap) >= 0.6
 
 
-def test_int8_weights_are_int8(m3_checkpoint, onnx_cache):
+@pytest.mark.parametrize("signed", [False, True])
+def test_int8_weights_are_int8(m3_checkpoint, onnx_cache, signed):
     ckpt = load_checkpoint(str(m3_checkpoint))
     fp32 = onnx_export.ensure_onnx_model(ckpt, "fp32", onnx_cache)
-    int8 = onnx_export.ensure_onnx_model(ckpt, "int8", onnx_cache)
-    ops = [n.op_type for n in onnx.load(str(int8), load_external_data=False).graph.node]
+    int8 = onnx_export.ensure_onnx_model(ckpt, "int8", onnx_cache, signed_weights=signed)
+    graph = onnx.load(str(int8), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
     # 2 layers x (qkv, attn_out, ffn_in, ffn_out); the sparse and ColBERT heads stay fp32.
     assert ops.count("MatMulIntegerToFloat") == 8
+    # s8 weights with zero point 0 for VNNI, else u8 around 128 (what AVX2 multiplies without saturating).
+    weights = {t.data_type for t in graph.initializer if t.name.endswith(("/w_q", "/w_zp"))}
+    assert weights == {onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8}
     fp32_ops = [n.op_type for n in onnx.load(str(fp32), load_external_data=False).graph.node]
     # torch exports the packed [tokens, hidden] projections as Gemm (x @ W^T + b): all 8 are rewritten.
     linear = fp32_ops.count("Gemm") + fp32_ops.count("MatMul")
@@ -167,7 +189,7 @@ def test_attention_is_one_fused_node_per_layer(m3_checkpoint, onnx_cache):
     not SDPA's traced transposes, mask and softmax (no Where / IsNaN pass over the scores either)."""
     ckpt = load_checkpoint(str(m3_checkpoint))
     for dtype in ("fp32", "int8"):
-        path = onnx_export.ensure_onnx_model(ckpt, dtype, onnx_cache)
+        path = onnx_export.ensure_onnx_model(ckpt, dtype, onnx_cache, signed_weights=False)
         nodes = onnx.load(str(path), load_external_data=False).graph.node
         ops = [n.op_type for n in nodes]
         assert ops.count("MultiHeadAttention") == ckpt.config.num_layers == 2
@@ -179,7 +201,7 @@ def test_attention_is_one_fused_node_per_layer(m3_checkpoint, onnx_cache):
 
 
 @pytest.mark.slow
-def test_int8_keeps_minilm_dense_fidelity(minilm_path, onnx_cache):
+def test_int8_keeps_minilm_dense_fidelity(minilm_path, onnx_cache, int8_weights):
     """The issue's bar on real weights: min dense cosine >= 0.995 vs fp32 over the bundled corpus."""
     ckpt = load_checkpoint(str(minilm_path))
     ids = ckpt.tokenizer.encode(sample_texts(), max_length=ckpt.max_length).ids
@@ -187,6 +209,7 @@ def test_int8_keeps_minilm_dense_fidelity(minilm_path, onnx_cache):
     vectors = {}
     for dtype in ("fp32", "int8"):
         backend = OnnxBackend(ckpt, dtype=dtype, cache_dir=onnx_cache, threads=2)
+        assert dtype == "fp32" or _int8_export_encoding(backend.model_path) == int8_weights
         out = np.zeros((len(ids), ckpt.hidden_size), np.float32)
         for start in range(0, len(order), 32):
             chunk = order[start : start + 32]
@@ -200,6 +223,42 @@ def test_int8_keeps_minilm_dense_fidelity(minilm_path, onnx_cache):
     top = {k: np.argsort(-s, axis=1)[:, :10] for k, s in sims.items()}
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top["fp32"], top["int8"], strict=True)])
     assert overlap >= 0.9, f"top-10 overlap {overlap:.3f}"
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse4_2 avx avx2 fma\n\n"
+        "processor\t: 1\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
+    )
+    assert onnx_export.cpu_flags(info) == {"fpu", "sse4_2", "avx", "avx2", "fma"}
+    assert onnx_export.cpu_flags(tmp_path / "missing") == frozenset()  # not Linux: no VNNI assumed
+    assert "fpu" in onnx_export.cpu_flags()  # this machine's
+
+
+@pytest.mark.parametrize(
+    ("flags", "vnni"),
+    [
+        ({"avx", "avx2", "fma"}, False),  # AMD EPYC Zen 2/3
+        ({"avx2", "avx512f", "avx512bw"}, False),  # Skylake-X: AVX-512 without VNNI still saturates
+        ({"avx2", "avx_vnni"}, True),  # Intel Alder Lake and later clients
+        ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, True),  # AMD Zen 4/5, Intel Cascade Lake and later
+        ({"amx_int8"}, True),  # Intel Sapphire Rapids and later
+        (set(), False),
+    ],
+)
+def test_vnni_comes_from_the_cpu_flags(flags, vnni):
+    assert onnx_export.cpu_has_vnni(flags) is vnni
+
+
+def test_int8_weight_encoding_follows_the_cpu_class(m3_checkpoint, onnx_cache, cpu_class):
+    """s8 weights where the CPU has VNNI, u8 where u8 x s8 would saturate; an explicit choice still wins."""
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    assert _int8_export_encoding(onnx_export.ensure_onnx_model(ckpt, "int8", onnx_cache)) == cpu_class.int8_weights
+    assert _int8_export_encoding(onnx_export.ensure_onnx_model(ckpt, "int8", onnx_cache, signed_weights=False)) == "u8"
+    assert _int8_export_encoding(OnnxBackend(ckpt, dtype="int8", cache_dir=onnx_cache).model_path) == (
+        cpu_class.int8_weights
+    )
 
 
 def test_second_load_reuses_the_cached_export(m3_checkpoint, tmp_path, monkeypatch):
