@@ -56,7 +56,7 @@ class CpuClass:
 
     name: str
     flags: frozenset[str]  # spelled alike in /proc/cpuinfo and torch.cpu.get_capabilities() for those used
-    fp32_rate: float  # FLOP/s of the start-up matrix product (runtime.devices.matmul_rate)
+    fp32_rate: float  # FLOP/s of the start-up matrix product (runtime.cpu_features.matmul_rate)
     bf16_rate: float
     auto_dtype: str  # what `dtype=auto` must run on it
     int8_weights: str  # the ONNX int8 weight encoding it must get: s8 with VNNI, else u8
@@ -92,14 +92,14 @@ def simulate_cpu(monkeypatch: pytest.MonkeyPatch):
     still this machine's, so only tests whose numbers hold on any x86-64 CPU should use it."""
     import torch
 
-    from bgeserve.runtime import devices, onnx_export
+    from bgeserve.runtime import cpu_features, devices
 
     def simulate(name: str) -> CpuClass:
         cpu = CPU_CLASSES[name]
         rates = {torch.float32: cpu.fp32_rate, torch.bfloat16: cpu.bf16_rate}
-        monkeypatch.setattr(devices, "cpu_capabilities", lambda: dict.fromkeys(cpu.flags, True))
-        monkeypatch.setattr(devices, "matmul_rate", rates.__getitem__)
-        monkeypatch.setattr(onnx_export, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": cpu.flags)
+        monkeypatch.setattr(cpu_features, "cpu_capabilities", lambda: dict.fromkeys(cpu.flags, True))
+        monkeypatch.setattr(cpu_features, "matmul_rate", rates.__getitem__)
+        monkeypatch.setattr(cpu_features, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": cpu.flags)
         if not cpu.onednn_packs_bf16:
             _refuse_onednn_bf16(monkeypatch)
         devices._cpu_auto_dtype.cache_clear()
@@ -114,7 +114,7 @@ def _refuse_onednn_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """Packing a bf16 weight for oneDNN fails, as it does on CPUs without AVX-512 (fp32 still packs)."""
     import torch
 
-    from bgeserve.runtime import cpu_linear, devices
+    from bgeserve.runtime import cpu_features, cpu_linear
 
     class Avx2PackedWeightLinear(cpu_linear.PackedWeightLinear):
         def __init__(self, linear: torch.nn.Linear, gelu: str | None = None) -> None:
@@ -123,7 +123,7 @@ def _refuse_onednn_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
             super().__init__(linear, gelu)
 
     monkeypatch.setattr(cpu_linear, "PackedWeightLinear", Avx2PackedWeightLinear)
-    monkeypatch.setattr(devices, "PackedWeightLinear", Avx2PackedWeightLinear)
+    monkeypatch.setattr(cpu_features, "PackedWeightLinear", Avx2PackedWeightLinear)
 
 
 @pytest.fixture(params=list(CPU_CLASSES))

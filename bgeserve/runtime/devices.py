@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 
 from bgeserve.errors import DeviceUnavailable
-from bgeserve.runtime.cpu_linear import PackedWeightLinear, onednn_linear_available
+from bgeserve.runtime import cpu_features
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +56,6 @@ def resolve_devices(spec: str | None) -> list[str]:
     return [resolve_device(part) for part in spec.split(",") if part.strip()]
 
 
-def cpu_capabilities() -> Mapping[str, object]:
-    """This CPU's features as torch detects them (`avx2`, `avx512_bf16`, `amx_bf16`, ... -> bool)."""
-    return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-
-
-def cpu_has_native_bf16(capabilities: Mapping[str, object] | None = None) -> bool:
-    """AVX512-BF16 or AMX: the CPU features that make bf16 matrix products faster than fp32.
-    `capabilities`: feature -> present, as cpu_capabilities() gives them (the default)."""
-    caps = cpu_capabilities() if capabilities is None else capabilities
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
 # bf16 must beat fp32 by this much in the start-up measurement to be chosen: below it the small loss of
 # precision buys too little.
 BF16_MIN_SPEEDUP = 1.3
@@ -110,7 +96,7 @@ def auto_dtype(device: str) -> tuple[str, str]:
 def _cpu_auto_dtype() -> tuple[str, str]:
     # Cached: the measurement is of the machine, which does not change while the process runs (tests that
     # stand in another CPU's features and rates call cache_clear()).
-    return choose_cpu_dtype(cpu_has_native_bf16(), matmul_rate)
+    return choose_cpu_dtype(cpu_features.cpu_has_native_bf16(), cpu_features.matmul_rate)
 
 
 def choose_cpu_dtype(native_bf16: bool, rate: Callable[[torch.dtype], float]) -> tuple[str, str]:
@@ -121,24 +107,3 @@ def choose_cpu_dtype(native_bf16: bool, rate: Callable[[torch.dtype], float]) ->
     if speedup >= BF16_MIN_SPEEDUP:
         return "bf16", f"bf16 matrix products measured {speedup:.1f}x fp32 on this CPU"
     return "fp32", f"bf16 matrix products measured only {speedup:.1f}x fp32 on this CPU"
-
-
-def matmul_rate(dtype: torch.dtype, rows: int = 256, size: int = 1024, repeats: int = 3) -> float:
-    """FLOP/s of one [rows, size] x [size, 4 size] product in `dtype` on this CPU, through the same kernel
-    the torch backend uses (oneDNN with a pre-packed weight where there is one); best of `repeats`."""
-    gen = torch.Generator().manual_seed(0)
-    linear = torch.nn.Linear(size, 4 * size).to(dtype)
-    x = torch.randn(rows, size, generator=gen).to(dtype)
-    run: Callable[[torch.Tensor], torch.Tensor] = linear
-    if onednn_linear_available():
-        # Without a oneDNN kernel for this dtype here, torch's default one is what runs.
-        with contextlib.suppress(RuntimeError):
-            run = PackedWeightLinear(linear)
-    best = float("inf")
-    with torch.inference_mode():
-        run(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(x)
-            best = min(best, time.perf_counter() - start)
-    return 2 * rows * size * 4 * size / max(best, 1e-9)

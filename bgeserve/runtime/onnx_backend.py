@@ -12,7 +12,8 @@ from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
 from bgeserve.runtime.devices import resolve_device
-from bgeserve.runtime.onnx_export import COLBERT, HIDDEN, TOKEN_WEIGHTS, ensure_onnx_model, packed_inputs
+from bgeserve.runtime.onnx_cache import ensure_onnx_model
+from bgeserve.runtime.onnx_export import COLBERT, HIDDEN, TOKEN_WEIGHTS, packed_inputs
 from bgeserve.runtime.packed_outputs import PackedResult, items_from_packed
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class OnnxBackend:
     """One onnxruntime session on one device (implements runtime.backend.Backend).
 
     The first load exports the model (seconds for small models, ~1-2 minutes for bge-m3) and caches it;
-    later loads reuse the cached file (see `runtime.onnx_export`).
+    later loads reuse the cached file (see `runtime.onnx_cache`).
     """
 
     def __init__(

@@ -10,7 +10,8 @@ import pytest
 from bgeserve.data import sample_texts
 from bgeserve.errors import DeviceUnavailable, ModelLacksOutput
 from bgeserve.models.checkpoint import load_checkpoint
-from bgeserve.runtime import onnx_export
+from bgeserve.runtime import cpu_features, onnx_export
+from bgeserve.runtime import onnx_cache as exports
 from bgeserve.runtime.backend import OutputRequest
 from bgeserve.runtime.factory import create_backend
 from bgeserve.runtime.onnx_backend import OnnxBackend
@@ -58,7 +59,7 @@ def int8_weights(request, simulate_cpu) -> str:
     """An int8 accuracy test runs once per weight encoding this CPU multiplies exactly: u8 on every x86-64 CPU,
     s8 only with VNNI (without it u8 x s8 products saturate at 16 bits, so s8 is never chosen there). The
     encoding is pinned through the CPU features the export sees, not left to this machine's."""
-    if request.param == "s8" and not onnx_export.cpu_has_vnni():
+    if request.param == "s8" and not cpu_features.cpu_has_vnni():
         pytest.skip("s8 weights are for VNNI CPUs; this one has none (its exports get u8)")
     simulate_cpu("epyc-avx2" if request.param == "u8" else "xeon-amx")
     return request.param
@@ -122,8 +123,8 @@ def test_model_without_heads_says_so(minilm_path, onnx_cache):
 
 
 def test_factory_builds_onnx_backend(m3_checkpoint, onnx_cache, monkeypatch):
-    monkeypatch.setattr(onnx_export, "default_cache_dir", lambda: onnx_cache)
-    monkeypatch.setattr(onnx_export, "_writable_dir", lambda path: False)
+    monkeypatch.setattr(exports, "default_cache_dir", lambda: onnx_cache)
+    monkeypatch.setattr(exports, "_writable_dir", lambda path: False)
     backend = create_backend(load_checkpoint(str(m3_checkpoint)), backend="onnx", device="cpu", dtype="fp32")
     assert isinstance(backend, OnnxBackend)
     assert backend.run([[0, 5, 6, 2]], ALL)[0].colbert.shape == (3, 32)
@@ -134,7 +135,7 @@ def test_int8_runs_every_output_on_m3(m3_checkpoint, onnx_cache, int8_weights):
     batch = ckpt.tokenizer.encode(TEXTS, max_length=ckpt.max_length).ids
     reference = TorchBackend(ckpt).run(batch, ALL)
     for signed in (False, True):
-        path = onnx_export.ensure_onnx_model(ckpt, "int8", onnx_cache, signed_weights=signed)
+        path = exports.ensure_onnx_model(ckpt, "int8", onnx_cache, signed_weights=signed)
         assert path.parent.name.endswith("int8s8" if signed else "int8u8")
     backend = OnnxBackend(ckpt, dtype="int8", cache_dir=onnx_cache)
     assert backend.dtype == "int8" and _int8_export_encoding(backend.model_path) == int8_weights
@@ -169,8 +170,8 @@ def test_int8_keeps_top_sparse_tokens(m3_checkpoint, onnx_cache, int8_weights):
 @pytest.mark.parametrize("signed", [False, True])
 def test_int8_weights_are_int8(m3_checkpoint, onnx_cache, signed):
     ckpt = load_checkpoint(str(m3_checkpoint))
-    fp32 = onnx_export.ensure_onnx_model(ckpt, "fp32", onnx_cache)
-    int8 = onnx_export.ensure_onnx_model(ckpt, "int8", onnx_cache, signed_weights=signed)
+    fp32 = exports.ensure_onnx_model(ckpt, "fp32", onnx_cache)
+    int8 = exports.ensure_onnx_model(ckpt, "int8", onnx_cache, signed_weights=signed)
     graph = onnx.load(str(int8), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     # 2 layers x (qkv, attn_out, ffn_in, ffn_out); the sparse and ColBERT heads stay fp32.
@@ -189,7 +190,7 @@ def test_attention_is_one_fused_node_per_layer(m3_checkpoint, onnx_cache):
     not SDPA's traced transposes, mask and softmax (no Where / IsNaN pass over the scores either)."""
     ckpt = load_checkpoint(str(m3_checkpoint))
     for dtype in ("fp32", "int8"):
-        path = onnx_export.ensure_onnx_model(ckpt, dtype, onnx_cache, signed_weights=False)
+        path = exports.ensure_onnx_model(ckpt, dtype, onnx_cache, signed_weights=False)
         nodes = onnx.load(str(path), load_external_data=False).graph.node
         ops = [n.op_type for n in nodes]
         assert ops.count("MultiHeadAttention") == ckpt.config.num_layers == 2
@@ -231,9 +232,9 @@ def test_cpu_flags_are_read_from_proc_cpuinfo(tmp_path):
         "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse4_2 avx avx2 fma\n\n"
         "processor\t: 1\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
     )
-    assert onnx_export.cpu_flags(info) == {"fpu", "sse4_2", "avx", "avx2", "fma"}
-    assert onnx_export.cpu_flags(tmp_path / "missing") == frozenset()  # not Linux: no VNNI assumed
-    assert "fpu" in onnx_export.cpu_flags()  # this machine's
+    assert cpu_features.cpu_flags(info) == {"fpu", "sse4_2", "avx", "avx2", "fma"}
+    assert cpu_features.cpu_flags(tmp_path / "missing") == frozenset()  # not Linux: no VNNI assumed
+    assert "fpu" in cpu_features.cpu_flags()  # this machine's
 
 
 @pytest.mark.parametrize(
@@ -248,14 +249,14 @@ def test_cpu_flags_are_read_from_proc_cpuinfo(tmp_path):
     ],
 )
 def test_vnni_comes_from_the_cpu_flags(flags, vnni):
-    assert onnx_export.cpu_has_vnni(flags) is vnni
+    assert cpu_features.cpu_has_vnni(flags) is vnni
 
 
 def test_int8_weight_encoding_follows_the_cpu_class(m3_checkpoint, onnx_cache, cpu_class):
     """s8 weights where the CPU has VNNI, u8 where u8 x s8 would saturate; an explicit choice still wins."""
     ckpt = load_checkpoint(str(m3_checkpoint))
-    assert _int8_export_encoding(onnx_export.ensure_onnx_model(ckpt, "int8", onnx_cache)) == cpu_class.int8_weights
-    assert _int8_export_encoding(onnx_export.ensure_onnx_model(ckpt, "int8", onnx_cache, signed_weights=False)) == "u8"
+    assert _int8_export_encoding(exports.ensure_onnx_model(ckpt, "int8", onnx_cache)) == cpu_class.int8_weights
+    assert _int8_export_encoding(exports.ensure_onnx_model(ckpt, "int8", onnx_cache, signed_weights=False)) == "u8"
     assert _int8_export_encoding(OnnxBackend(ckpt, dtype="int8", cache_dir=onnx_cache).model_path) == (
         cpu_class.int8_weights
     )
@@ -268,7 +269,7 @@ def test_second_load_reuses_the_cached_export(m3_checkpoint, tmp_path, monkeypat
     ckpt = load_checkpoint(str(model_dir))
     first = OnnxBackend(ckpt)
     # No cache dir given and the model directory is writable: the export lives beside the model.
-    assert first.model_path.is_relative_to(model_dir / onnx_export.CACHE_SUBDIR)
+    assert first.model_path.is_relative_to(model_dir / exports.CACHE_SUBDIR)
     assert (first.model_path.parent / onnx_export.DATA_FILE).is_file()
 
     def no_export(*args, **kwargs):
@@ -285,20 +286,20 @@ def test_second_load_reuses_the_cached_export(m3_checkpoint, tmp_path, monkeypat
     third = OnnxBackend(load_checkpoint(str(model_dir)))
     assert third.model_path != first.model_path
     # The new export replaced the old one on disk; a session already open on the old one still runs.
-    assert [p.name for p in (model_dir / onnx_export.CACHE_SUBDIR).iterdir()] == [third.model_path.parent.name]
+    assert [p.name for p in (model_dir / exports.CACHE_SUBDIR).iterdir()] == [third.model_path.parent.name]
     assert first.run([[0, 7, 2]], ALL)[0].dense.shape == third.run([[0, 7, 2]], ALL)[0].dense.shape
 
 
 def test_read_only_model_dir_falls_back_to_the_user_cache(m3_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_export, "_writable_dir", lambda path: False)
-    monkeypatch.setattr(onnx_export, "default_cache_dir", lambda: tmp_path / "user-cache")
+    monkeypatch.setattr(exports, "_writable_dir", lambda path: False)
+    monkeypatch.setattr(exports, "default_cache_dir", lambda: tmp_path / "user-cache")
     backend = OnnxBackend(load_checkpoint(str(m3_checkpoint)))
     assert backend.model_path.is_relative_to(tmp_path / "user-cache")
 
 
 def test_bundled_model_is_not_written_into_site_packages(minilm_path):
     ckpt = load_checkpoint(str(minilm_path))
-    assert not onnx_export.cache_location(ckpt, "fp32").is_relative_to(minilm_path)
+    assert not exports.cache_location(ckpt, "fp32").is_relative_to(minilm_path)
 
 
 def test_missing_onnxruntime_is_a_clear_error(m3_checkpoint, monkeypatch):

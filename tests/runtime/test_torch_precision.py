@@ -9,7 +9,8 @@ import torch
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime.backend import OutputRequest
-from bgeserve.runtime.devices import auto_dtype, choose_cpu_dtype, cpu_has_native_bf16, matmul_rate, resolve_dtype
+from bgeserve.runtime.cpu_features import cpu_has_native_bf16, matmul_rate
+from bgeserve.runtime.devices import auto_dtype, choose_cpu_dtype, resolve_dtype
 from bgeserve.runtime.torch_backend import TorchBackend
 
 CORPUS = sample_texts()

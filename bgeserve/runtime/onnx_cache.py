@@ -1,0 +1,131 @@
+"""The cache of ONNX exports: one directory per model, precision and key, built aside and renamed in.
+
+Exports are cached in `<model dir>/bgeserve-onnx/` when that directory is writable, else in a cache
+directory, under a key made of each source file's name, size and mtime (no hashing of gigabytes of
+weights on every start), the exporter version, the torch version and the opset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bgeserve.models.checkpoint import Checkpoint
+from bgeserve.runtime import onnx_export
+from bgeserve.runtime.cpu_features import cpu_has_vnni
+from bgeserve.runtime.onnx_export import EXPORTER_VERSION, MODEL_FILE, OPSET
+from bgeserve.runtime.onnx_int8 import quantize_int8
+
+log = logging.getLogger(__name__)
+
+CACHE_SUBDIR = "bgeserve-onnx"
+ONNX_DTYPES = ("fp32", "int8")
+
+
+def default_cache_dir() -> Path:
+    """`~/.cache/bgeserve/onnx`, used when the model directory is read-only and no cache dir is given."""
+    return Path.home() / ".cache" / "bgeserve" / "onnx"
+
+
+def _source_files(checkpoint: Checkpoint) -> list[Path]:
+    """Every file whose change changes the exported graph."""
+    files = [checkpoint.weights_file, checkpoint.path / "config.json"]
+    files += [f for f in (checkpoint.sparse_head, checkpoint.colbert_head) if f is not None]
+    return files
+
+
+def cache_key(checkpoint: Checkpoint) -> str:
+    """Key of an export: source files' name + size + mtime, exporter and torch versions, opset."""
+    digest = hashlib.sha256()
+    for part in (EXPORTER_VERSION, torch.__version__, str(OPSET)):
+        digest.update(part.encode() + b"\0")
+    for file in _source_files(checkpoint):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:20]
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def cache_location(checkpoint: Checkpoint, dtype: str, cache_dir: Path | None = None, key: str | None = None) -> Path:
+    """Directory holding the `dtype` export: an explicit `cache_dir` wins, then the model directory when
+    writable (and not inside an installed package), then `default_cache_dir()`. `key`: cache_key(checkpoint)
+    when the caller has it already."""
+    name = f"{key or cache_key(checkpoint)}-{dtype}"
+    if cache_dir is not None:
+        return Path(cache_dir) / f"{_safe(checkpoint.name)}-{name}"
+    beside = checkpoint.path / CACHE_SUBDIR
+    # A model shipped inside a Python package (the bundled MiniLM) is not ours to write into.
+    installed = any(part in ("site-packages", "dist-packages") for part in checkpoint.path.parts)
+    if not installed and _writable_dir(beside):
+        return beside / name
+    return default_cache_dir() / f"{_safe(checkpoint.name)}-{name}"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "model"
+
+
+def ensure_onnx_model(
+    checkpoint: Checkpoint, dtype: str = "fp32", cache_dir: Path | None = None, signed_weights: bool | None = None
+) -> Path:
+    """Path of the cached `model.onnx` for `dtype` ("fp32" or "int8"), exporting it first when absent.
+
+    int8 weights are signed where the CPU has VNNI (fast u8 x s8 products), else unsigned: AVX2's
+    u8 x s8 instruction saturates at 16 bits, which on MiniLM costs ~0.06 of minimum cosine.
+    `signed_weights` overrides the detection.
+    """
+    if dtype not in ONNX_DTYPES:
+        raise ValueError(f"no ONNX export for dtype {dtype!r}: use {' or '.join(ONNX_DTYPES)}")
+    signed = dtype == "int8" and (cpu_has_vnni() if signed_weights is None else signed_weights)
+    variant = "fp32" if dtype == "fp32" else "int8s8" if signed else "int8u8"
+    key = cache_key(checkpoint)
+    target = cache_location(checkpoint, variant, cache_dir, key)
+    if (target / MODEL_FILE).is_file():
+        log.info("reusing ONNX export %s", target)
+        return target / MODEL_FILE
+    if dtype == "fp32":
+        return _publish(target, lambda tmp: onnx_export.export_onnx(checkpoint, tmp / MODEL_FILE), key)
+    source = ensure_onnx_model(checkpoint, "fp32", cache_dir)
+    log.info("quantising %s to int8 (%s weights) ...", checkpoint.name, "s8" if signed else "u8")
+    return _publish(target, lambda tmp: quantize_int8(source, tmp / MODEL_FILE, signed_weights=signed), key)
+
+
+def _publish(target: Path, build, key: str) -> Path:  # noqa: ANN001 - a callable taking the staging dir
+    """Builds into a staging directory beside `target`, then renames it into place: readers never see a
+    half-written export, and when two replicas export at once the first rename wins. Exports of the same
+    model and dtype under another key (older weights, bgeserve or torch) are removed after: bge-m3's
+    are 2.3 GB each. A process still reading one keeps its open files until it exits."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(staging)
+        # mkdtemp makes the directory private; a shared cache must be readable by every user.
+        staging.chmod(0o755)
+        for file in staging.iterdir():
+            file.chmod(0o644)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / MODEL_FILE).is_file():
+                raise
+            log.info("another process exported %s first; using it", target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for stale in target.parent.glob(target.name.replace(key, "?" * len(key))):
+        if stale != target and stale.is_dir():
+            log.info("removing an older ONNX export: %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    return target / MODEL_FILE
