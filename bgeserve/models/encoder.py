@@ -20,6 +20,8 @@ from bgeserve.models.packed import PackedBatch, packed_attention
 
 # Packed projections [T, 3, heads, head_dim] -> context [T, hidden], attending within each sequence only.
 Attention = Callable[[torch.Tensor], torch.Tensor]
+# The matrix products of each layer (its nn.Linear attributes): what runs in half precision, int8 or oneDNN.
+PROJECTIONS = ("qkv", "attn_out", "ffn_in", "ffn_out")
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -117,8 +119,8 @@ class EncoderLayer(nn.Module):
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Projections in `dtype`; LayerNorms stay fp32."""
         self.compute_dtype = dtype
-        for linear in (self.qkv, self.attn_out, self.ffn_in, self.ffn_out):
-            linear.to(dtype)
+        for name in PROJECTIONS:
+            getattr(self, name).to(dtype)
 
 
 class TransformerEncoder(nn.Module):

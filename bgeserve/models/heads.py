@@ -24,6 +24,11 @@ def token_weights(hidden: torch.Tensor, sparse_linear: torch.nn.Linear) -> torch
     return torch.relu(sparse_linear(hidden)).squeeze(-1)
 
 
+def colbert_vectors(hidden: torch.Tensor, colbert_linear: torch.nn.Linear) -> torch.Tensor:
+    """L2-normalised colbert_linear(H) per token: [T, hidden] -> [T, dim] (CLS rows included)."""
+    return F.normalize(colbert_linear(hidden), dim=-1)
+
+
 def lexical_weights(
     weights: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, unused_ids: torch.Tensor
 ) -> list[dict[str, float]]:

@@ -13,9 +13,10 @@ import logging
 import torch
 from torch import nn
 
+from bgeserve.models.encoder import PROJECTIONS
+
 log = logging.getLogger(__name__)
 
-_PROJECTIONS = ("qkv", "attn_out", "ffn_in", "ffn_out")
 # Our activation names -> oneDNN's fused post-op ("gelu" with its algorithm).
 _FUSED_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
@@ -61,7 +62,7 @@ def pack_encoder_linears(encoder: nn.Module, activation: str) -> bool:
         packed = [
             {
                 name: PackedWeightLinear(getattr(layer, name), gelu if name == "ffn_in" else None)
-                for name in _PROJECTIONS
+                for name in PROJECTIONS
             }
             for layer in encoder.layers
         ]

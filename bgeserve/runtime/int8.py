@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bgeserve.models.encoder import PROJECTIONS
+
 SMOOTHING_ALPHA = 0.5
-_LINEARS = ("qkv", "attn_out", "ffn_in", "ffn_out")
 
 
 class SmoothedInt8Linear(nn.Module):
@@ -57,7 +58,7 @@ def _input_maxima(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tens
     maxima: dict[str, torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(model.encoder.layers):
-        for name in _LINEARS:
+        for name in PROJECTIONS:
             key = f"{i}.{name}"
 
             def record(_mod, inputs, _out, key=key):
@@ -78,5 +79,5 @@ def quantize_encoder_int8(model: nn.Module, calibration: list[tuple[torch.Tensor
     """Replaces every projection of the encoder layers (in place) with a SmoothedInt8Linear."""
     maxima = _input_maxima(model, calibration)
     for i, layer in enumerate(model.encoder.layers):
-        for name in _LINEARS:
+        for name in PROJECTIONS:
             setattr(layer, name, SmoothedInt8Linear(getattr(layer, name), maxima[f"{i}.{name}"]))

@@ -34,7 +34,7 @@ from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.config import EncoderConfig
 from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.encoder import packed_positions
-from bgeserve.models.heads import token_weights
+from bgeserve.models.heads import colbert_vectors, token_weights
 from bgeserve.models.packed import PackedBatch, gathered_attention
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class ExportGraph(nn.Module):
         if self.model.sparse_linear is not None:
             outputs.append(token_weights(hidden, self.model.sparse_linear))
         if self.model.colbert_linear is not None:
-            outputs.append(F.normalize(self.model.colbert_linear(hidden), dim=-1))
+            outputs.append(colbert_vectors(hidden, self.model.colbert_linear))
         return tuple(outputs)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
-from bgeserve.models.heads import token_weights
+from bgeserve.models.heads import colbert_vectors, token_weights
 from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
 from bgeserve.runtime.cpu_linear import pack_encoder_linears
@@ -119,5 +119,5 @@ class TorchBackend:
         if want.sparse:
             result.token_weights = token_weights(hidden, self.model.sparse_linear)
         if want.colbert:
-            result.colbert = F.normalize(self.model.colbert_linear(hidden), dim=-1)
+            result.colbert = colbert_vectors(hidden, self.model.colbert_linear)
         return items_from_packed(packed, result, want, self.checkpoint.pooling, self._pad_id, self._unused_ids)
