@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-SCORE_KEYS = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
 DEFAULT_WEIGHTS = (1.0, 1.0, 1.0)
 
 

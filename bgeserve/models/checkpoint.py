@@ -42,7 +42,6 @@ class Checkpoint:
     config: EncoderConfig
     tokenizer: TextTokenizer
     pooling: str  # "cls" or "mean"
-    normalize: bool
     max_length: int
     weights_file: Path
     sparse_head: Path | None
@@ -121,18 +120,16 @@ def _read_json(path: Path) -> dict | list | None:
         raise InvalidCheckpoint(f"cannot read {path}: {exc}") from exc
 
 
-def _pooling_and_normalize(path: Path) -> tuple[str, bool]:
-    """sentence-transformers modules decide pooling (CLS when absent) and final normalisation."""
+def _pooling(path: Path) -> str:
+    """sentence-transformers' pooling config decides CLS or mean (CLS when absent, as for bge models).
+
+    Normalisation is not read from modules.json: every route and `Embedder` normalise dense vectors by
+    default (as FlagEmbedding and TEI do) and say when they do not (`normalize: false`)."""
     pooling_cfg = _read_json(path / "1_Pooling" / "config.json") or {}
     pooling = "mean" if pooling_cfg.get("pooling_mode_mean_tokens") else "cls"
     if pooling_cfg and not (pooling_cfg.get("pooling_mode_cls_token") or pooling == "mean"):
         raise InvalidCheckpoint(f"{path}: only CLS or mean pooling is supported")
-    modules = _read_json(path / "modules.json")
-    if isinstance(modules, list):
-        normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-    else:
-        normalize = True  # bge models are always used normalised
-    return pooling, normalize
+    return pooling
 
 
 def _unused_token_ids(path: Path, tokenizer: TextTokenizer) -> frozenset[int]:
@@ -161,7 +158,7 @@ def load_checkpoint(model: str | None = None) -> Checkpoint:
     if weights is None:
         raise InvalidCheckpoint(f"{path} has neither model.safetensors nor pytorch_model.bin")
     tokenizer = TextTokenizer.from_dir(path)
-    pooling, normalize = _pooling_and_normalize(path)
+    pooling = _pooling(path)
     max_length = config.max_tokens
     st_cfg = _read_json(path / "sentence_bert_config.json") or {}
     if st_cfg.get("max_seq_length"):
@@ -174,7 +171,6 @@ def load_checkpoint(model: str | None = None) -> Checkpoint:
         config=config,
         tokenizer=tokenizer,
         pooling=pooling,
-        normalize=normalize,
         max_length=max_length,
         weights_file=weights,
         sparse_head=sparse if sparse.is_file() else None,

@@ -94,8 +94,8 @@ class ExportGraph(nn.Module):
 class _MultiHeadAttention(torch.autograd.Function):
     """Masked self-attention over [B, S, heads * head_dim] q, k, v that exports as onnxruntime's fused
     com.microsoft MultiHeadAttention: one node per layer where SDPA traced to ~25 (transposes, shape
-    arithmetic, two matrix products, mask, softmax): int8 batches of short texts run 3-5% faster (BENCHMARKS
-    run 7). Tracing runs `forward`, the same attention in torch."""
+    arithmetic, two matrix products, mask, softmax): int8 batches of short texts run 3-5% faster (measured in
+    BENCHMARKS.md). Tracing runs `forward`, the same attention in torch."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding, heads: int):  # noqa: ANN001, ANN205 - autograd.Function's protocol

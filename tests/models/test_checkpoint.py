@@ -16,7 +16,7 @@ from bgeserve.runtime.torch_backend import TorchBackend
 def test_bundled_model_is_the_default():
     ckpt = load_checkpoint(None)
     assert ckpt.name == "sentence-transformers/all-MiniLM-L6-v2"
-    assert ckpt.pooling == "mean" and ckpt.normalize
+    assert ckpt.pooling == "mean"
     # sentence_bert_config.json caps MiniLM at 256 tokens, as sentence-transformers does.
     assert ckpt.max_length == 256
     assert not ckpt.capabilities.sparse and not ckpt.capabilities.colbert

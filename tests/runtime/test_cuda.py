@@ -73,7 +73,7 @@ def real_weights():
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_half_precision_keeps_the_bar_on_real_weights(real_weights, dtype):
-    """Issue 5's GPU bar: fp16/bf16 dense vectors within cosine 0.9999 of fp32, no NaN (CPU emulation of the
+    """The GPU bar: fp16/bf16 dense vectors within cosine 0.9999 of fp32, no NaN (CPU emulation of the
     same rounding: fp16 0.999999, bf16 0.99995 min over these texts)."""
     ckpt, ids, exact = real_weights
     got = np.stack([item.dense for item in TorchBackend(ckpt, device="cuda:0", dtype=dtype).run(ids, OutputRequest())])
