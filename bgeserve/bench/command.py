@@ -50,8 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--baseline", help="config the speed-up column divides by "
                      "(default: cpu-fp32-t1 when listed, else the first that ran)")
     off.add_argument("--compare", default="", help="peers on the same texts: flagembedding, transformers, "
-                     "onnxruntime, bgelite (bge-m3-lite) (each in every precision it offers) or single rows "
-                     "(transformers-int8)")
+                     "onnxruntime, bgelite (bge-m3-lite), openvino (optimum-intel) (each in every precision it "
+                     "offers) or single rows (transformers-int8)")
+    off.add_argument("--openvino-python", type=Path, help="interpreter with optimum-intel that runs the openvino "
+                     "rows, always in a process of their own (default: .venv-openvino/bin/python, made by "
+                     "scripts/openvino_venv.sh, when it exists)")
     off.add_argument("--outputs", choices=["dense", "all"], default="dense",
                      help="all = dense + sparse + ColBERT (default: dense)")
     off.add_argument("--max-length", type=int, default=512, help="truncate texts to this many tokens (512)")
@@ -172,7 +175,13 @@ def _run_offline(args: argparse.Namespace) -> int:
     import torch
 
     from bgeserve.bench import report as rep
-    from bgeserve.bench.configs import parse_compare, parse_config, parse_config_list, probe_machine
+    from bgeserve.bench.configs import (
+        default_openvino_python,
+        parse_compare,
+        parse_config,
+        parse_config_list,
+        probe_machine,
+    )
     from bgeserve.bench.flops import projection_flops_per_token
     from bgeserve.bench.measure import MeasureOptions
     from bgeserve.bench.model_source import default_cache_dir, stderr_log, synthetic_checkpoint
@@ -197,6 +206,7 @@ def _run_offline(args: argparse.Namespace) -> int:
                          f"{', '.join(c.name for c in configs)}")
 
     cache_dir = args.cache_dir or default_cache_dir()
+    openvino_python = str(args.openvino_python) if args.openvino_python else default_openvino_python()
     model = args.model
     if args.synthetic:
         model = str(synthetic_checkpoint(args.synthetic, cache_dir, log=stderr_log))
@@ -216,6 +226,7 @@ def _run_offline(args: argparse.Namespace) -> int:
         outputs=args.outputs,
         default_threads=torch.get_num_threads(),
         cache_dir=str(cache_dir),
+        openvino_python=openvino_python,
     )
     options = MeasureOptions(repeats=args.repeats, query_runs=args.query_runs, batch_runs=args.batch_runs)
     plan = OfflinePlan(configs, settings, options, corpus, baseline, isolate=not args.inline,
@@ -223,7 +234,7 @@ def _run_offline(args: argparse.Namespace) -> int:
                        flops_per_token=projection_flops_per_token(checkpoint.config))
     stderr_log(f"model {checkpoint.name} ({checkpoint.path}); {len(corpus.texts)} texts, "
                f"{corpus.total_tokens} tokens; {len(configs)} rows")
-    report = run_offline(plan, probe_machine(), progress=stderr_log)
+    report = run_offline(plan, probe_machine(openvino_python), progress=stderr_log)
     machine = rep.machine_info()
     print(rep.offline_summary(report))
     print()
@@ -243,6 +254,7 @@ def _run_http(args: argparse.Namespace) -> int:
     from bgeserve.bench.model_source import stderr_log
 
     offline_only = {"--compare": args.compare, "--inline": args.inline, "--query": args.query,
+                    "--openvino-python": args.openvino_python,
                     "--outputs": args.outputs != "dense"}
     for flag, value in offline_only.items():
         if value:

@@ -3,6 +3,8 @@
 A name is `KIND-DTYPE[-compiled][-graphs][-tN]`. KIND `cpu`/`cuda` is bgeserve's torch backend, `onnx` bgeserve's
 ONNX backend; `flagembedding`, `transformers` and `onnxruntime` are the peers run for comparison.
 `bgelite` is bge-m3-lite (onnxruntime with its own tokenizer, pooling and token-budget batching).
+`openvino` is optimum-intel's OVModelForFeatureExtraction; its packages conflict with bgeserve's dev pins, so
+its rows run under an interpreter of their own (`scripts/openvino_venv.sh` makes `.venv-openvino/`).
 `-compiled` (torch backend only) runs it under torch.compile, as `--compile` does; `-graphs` (cuda only)
 replays small batches from CUDA graphs, as `--cuda-graphs` does.
 `-tN` runs with N intra-op threads (torch or onnxruntime); without it, the library's default.
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 OURS = ("cpu", "cuda", "onnx")
 TORCH_KINDS = ("cpu", "cuda")  # bgeserve rows on the torch backend: the ones `-compiled` applies to
-PEERS = ("flagembedding", "transformers", "onnxruntime", "bgelite")
+PEERS = ("flagembedding", "transformers", "onnxruntime", "bgelite", "openvino")
 # Precisions each kind offers, in the order `--compare KIND` expands them.
 DTYPES: dict[str, tuple[str, ...]] = {
     "cpu": ("fp32", "bf16", "int8"),
@@ -26,6 +30,7 @@ DTYPES: dict[str, tuple[str, ...]] = {
     "transformers": ("fp32", "bf16", "int8"),
     "onnxruntime": ("fp32", "int8"),
     "bgelite": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
 }
 # The Python package each peer needs (import name), and what to `pip install` when it is missing.
 PEER_PACKAGES = {
@@ -35,6 +40,9 @@ PEER_PACKAGES = {
     "bgelite": "bge_m3_lite",
 }
 PIP_NAMES = {"bge_m3_lite": "bge-m3-lite"}
+# The openvino peer runs under its own interpreter (`--openvino-python`), which must import this module.
+OPENVINO_MODULE = "optimum.intel"
+OPENVINO_VENV = ".venv-openvino"  # what scripts/openvino_venv.sh makes, at the checkout's root
 # Peers that compute bge-m3's sparse and ColBERT outputs too (the others give dense vectors only).
 ALL_OUTPUT_PEERS = ("flagembedding", "bgelite")
 DEFAULT_CONFIGS = "cpu-fp32-t1,cpu-fp32,cpu-bf16,cpu-int8,onnx-fp32,onnx-int8,cuda-fp16,cuda-bf16"
@@ -58,6 +66,11 @@ class BenchConfig:
     @property
     def is_peer(self) -> bool:
         return self.kind in PEERS
+
+    @property
+    def own_interpreter(self) -> bool:
+        """Rows that run under `--openvino-python`, never in bgeserve's own environment."""
+        return self.kind == "openvino"
 
     @property
     def device(self) -> str:
@@ -139,10 +152,12 @@ class MachineFacts:
     cpu_bf16: bool = False
     onnx_backend: bool = False
     packages: frozenset[str] = field(default_factory=frozenset)
+    openvino_python: str | None = None  # the interpreter for openvino rows, when one was given or found
+    openvino_ready: bool = False  # it imports optimum.intel
 
 
-def probe_machine() -> MachineFacts:
-    """Looks at torch, the CPU and the installed packages."""
+def probe_machine(openvino_python: str | None = None) -> MachineFacts:
+    """Looks at torch, the CPU, the installed packages and the openvino rows' interpreter."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -158,7 +173,29 @@ def probe_machine() -> MachineFacts:
         cpu_bf16=cpu_bf16,
         onnx_backend=onnx_backend_available(),
         packages=packages,
+        openvino_python=openvino_python,
+        openvino_ready=bool(openvino_python) and interpreter_has_module(openvino_python, OPENVINO_MODULE),
     )
+
+
+def default_openvino_python(cwd: Path | None = None) -> str | None:
+    """`.venv-openvino/bin/python` of the current directory, else of bgeserve's checkout, when it exists."""
+    checkout = Path(__file__).resolve().parents[2]  # the repository root of an editable install
+    for root in (cwd or Path.cwd(), checkout):
+        python = root / OPENVINO_VENV / "bin" / "python"
+        if python.exists():
+            return str(python)
+    return None
+
+
+def interpreter_has_module(python: str, module: str, timeout_s: float = 60.0) -> bool:
+    """True when `python` runs and finds `module` (found, not imported: optimum.intel takes seconds to import)."""
+    check = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    try:
+        done = subprocess.run([python, "-c", check], capture_output=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 def onnx_backend_available() -> bool:
@@ -177,12 +214,16 @@ def skip_reason(
     """Why `config` cannot run here, or None when it can."""
     if config.kind == "onnx" and not facts.onnx_backend:
         return "ONNX backend not available"
-    if config.is_peer:
+    if config.own_interpreter:
+        reason = _openvino_problem(facts)
+        if reason:
+            return reason
+    elif config.is_peer:
         package = PEER_PACKAGES[config.kind]
         if package not in facts.packages:
             return f"{package} is not installed (pip install {PIP_NAMES.get(package, package)})"
-        if outputs == "all" and config.kind not in ALL_OUTPUT_PEERS:
-            return "this peer computes dense vectors only (no sparse or ColBERT heads)"
+    if config.is_peer and outputs == "all" and config.kind not in ALL_OUTPUT_PEERS:
+        return "this peer computes dense vectors only (no sparse or ColBERT heads)"
     if config.device.startswith("cuda"):
         if not facts.cuda:
             return "no CUDA device visible to torch"
@@ -191,4 +232,14 @@ def skip_reason(
     elif config.dtype == "bf16" and not facts.cpu_bf16 and not allow_emulated_bf16:
         return ("this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would be emulated "
                 "and slower than fp32; --allow-emulated-bf16 measures it anyway")
+    return None
+
+
+def _openvino_problem(facts: MachineFacts) -> str | None:
+    """Why the openvino rows' interpreter cannot run them, or None."""
+    fix = "run scripts/openvino_venv.sh (or pass --openvino-python PATH)"
+    if facts.openvino_python is None:
+        return f"no interpreter with {OPENVINO_MODULE} (optimum-intel): {fix}"
+    if not facts.openvino_ready:
+        return f"{facts.openvino_python} cannot import {OPENVINO_MODULE} (optimum-intel): {fix}"
     return None

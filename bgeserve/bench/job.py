@@ -72,6 +72,7 @@ def execute(job: Job) -> JobOutcome:
         load_seconds = time.perf_counter() - started
         measurement = run_protocol(encode, job.texts, job.query, job.batch, job.options)
         measurement.load_seconds = load_seconds
+        measurement.notes = list(getattr(encode, "notes", []))  # what the peer reports it ran (openvino)
         measurement.peak_memory_bytes = memory.stop()
         measurement.memory_kind = memory.kind
         if config.device.startswith("cuda"):
@@ -97,8 +98,17 @@ def _free(config: BenchConfig) -> None:
         torch.cuda.empty_cache()
 
 
+def interpreter(job: Job) -> str:
+    """The Python that runs `job`: this one, or `--openvino-python` for the openvino rows."""
+    if parse_config(job.config).own_interpreter:
+        if not job.settings.openvino_python:
+            raise ValueError(f"{job.config} needs settings.openvino_python (scripts/openvino_venv.sh)")
+        return job.settings.openvino_python
+    return sys.executable
+
+
 def execute_isolated(job: Job, timeout_s: float | None = None) -> JobOutcome:
-    """Runs `job` in a fresh Python process and reads its outcome back."""
+    """Runs `job` in a fresh Python process (of `interpreter(job)`) and reads its outcome back."""
     with tempfile.TemporaryDirectory(prefix="bgeserve-bench-") as tmp:
         folder = Path(tmp)
         (folder / "job.json").write_text(job.to_json(), encoding="utf-8")
@@ -106,7 +116,7 @@ def execute_isolated(job: Job, timeout_s: float | None = None) -> JobOutcome:
         env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "bgeserve.bench.job", str(folder)],
+                [interpreter(job), "-m", "bgeserve.bench.job", str(folder)],
                 capture_output=True, text=True, timeout=timeout_s, env=env, check=False,
             )
         except subprocess.TimeoutExpired:

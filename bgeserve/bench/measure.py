@@ -36,6 +36,7 @@ class Measurement:
     peak_memory_bytes: int | None = None
     memory_kind: str = "rss"  # "rss": process resident memory above its level before loading; "cuda"
     matmul_tflops: float | None = None  # the device's own product rate in this precision (CUDA rows)
+    notes: list[str] = field(default_factory=list)  # what the row's library reports it ran (its `notes`)
     dense: np.ndarray | None = None
 
 

@@ -210,7 +210,9 @@ def run_offline(
 
 def _run(plan: OfflinePlan, config: BenchConfig, options: MeasureOptions) -> JobOutcome:
     job = Job(config.name, plan.settings, options, plan.corpus.texts, plan.corpus.query, plan.corpus.batch)
-    return execute_isolated(job, plan.timeout_s) if plan.isolate else execute(job)
+    # A row of another interpreter (openvino) cannot run in this process, --inline or not.
+    isolate = plan.isolate or config.own_interpreter
+    return execute_isolated(job, plan.timeout_s) if isolate else execute(job)
 
 
 def _row(config: BenchConfig, outcome: JobOutcome, corpus: Corpus, flops_per_token: float | None = None) -> Row:
@@ -229,6 +231,7 @@ def _row(config: BenchConfig, outcome: JobOutcome, corpus: Corpus, flops_per_tok
     row.memory_kind = m.memory_kind
     row.load_seconds = m.load_seconds
     row.dense = m.dense
+    row.notes += m.notes
     if flops_per_token:
         row.model_tflops = row.tokens_per_s * flops_per_token / 1e12
         if m.matmul_tflops:

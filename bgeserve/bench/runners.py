@@ -2,8 +2,9 @@
 
 bgeserve's rows go through `Embedder`; the peers are written the way their users write them
 (FlagEmbedding's BGEM3FlagModel; transformers AutoModel with CLS pooling over length-sorted batches;
-onnxruntime on a plain `torch.onnx.export` of that AutoModel; bge-m3-lite on that same export), so a
-ratio in the table compares bgeserve against what people run today.
+onnxruntime on a plain `torch.onnx.export` of that AutoModel; bge-m3-lite on that same export;
+optimum-intel's OVModelForFeatureExtraction on its own export), so a ratio in the table compares bgeserve
+against what people run today.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class RunSettings:
     flag_batch_size: int = 32
     outputs: str = "dense"  # "dense" or "all" (dense + sparse + ColBERT)
     default_threads: int = 1  # torch's thread count at start-up; rows without -tN run on this many
-    cache_dir: str | None = None  # where ONNX exports of the peer are kept between runs
+    cache_dir: str | None = None  # where the peers' ONNX and OpenVINO exports are kept between runs
+    openvino_python: str | None = None  # the interpreter that runs openvino rows (bench.configs)
 
 
 def open_encoder(config: BenchConfig, settings: RunSettings) -> EncodeFn:
@@ -55,6 +57,7 @@ def open_encoder(config: BenchConfig, settings: RunSettings) -> EncodeFn:
         "transformers": _transformers,
         "onnxruntime": _onnxruntime,
         "bgelite": _bgelite,
+        "openvino": _openvino,
     }
     return openers[config.kind](config, settings, threads)
 
@@ -107,13 +110,14 @@ def _flagembedding(config: BenchConfig, settings: RunSettings, threads: int) -> 
     return encode
 
 
-def _sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices longest first, cut into batches: the padding-saving order FlagEmbedding also uses."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _cls_normalized(hidden: np.ndarray) -> np.ndarray:
+def cls_normalized(hidden: np.ndarray) -> np.ndarray:
+    """bge-m3's dense vector from a batch's last hidden states: the CLS token's, L2-normalised."""
     cls = hidden[:, 0].astype(np.float32)
     return cls / np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-12)
 
@@ -139,15 +143,22 @@ def _transformers(config: BenchConfig, settings: RunSettings, threads: int) -> E
         ids = tokenizer(texts, truncation=True, max_length=settings.max_length)["input_ids"]
         lengths = [len(x) for x in ids]
         out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-        for batch in _sorted_batches(lengths, settings.batch_size):
+        for batch in sorted_batches(lengths, settings.batch_size):
             inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
                                max_length=settings.max_length, return_tensors="pt")
             with torch.inference_mode(), precision():
                 hidden = model(**inputs).last_hidden_state
-            out[batch] = _cls_normalized(hidden.float().numpy())
+            out[batch] = cls_normalized(hidden.float().numpy())
         return out
 
     return encode
+
+
+def _openvino(config: BenchConfig, settings: RunSettings, threads: int) -> EncodeFn:
+    # Only the openvino rows' own interpreter has optimum-intel (bench.configs, scripts/openvino_venv.sh).
+    from bgeserve.bench.openvino_peer import open_openvino
+
+    return open_openvino(config, settings, threads)
 
 
 def _onnxruntime(config: BenchConfig, settings: RunSettings, threads: int) -> EncodeFn:
@@ -167,12 +178,12 @@ def _onnxruntime(config: BenchConfig, settings: RunSettings, threads: int) -> En
         ids = tokenizer(texts, truncation=True, max_length=settings.max_length)["input_ids"]
         lengths = [len(x) for x in ids]
         out = np.zeros((len(texts), hidden_size), dtype=np.float32)
-        for batch in _sorted_batches(lengths, settings.batch_size):
+        for batch in sorted_batches(lengths, settings.batch_size):
             inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
                                max_length=settings.max_length, return_tensors="np")
             feed = {k: v.astype(np.int64) for k, v in inputs.items() if k in input_names}
             (hidden,) = session.run(["last_hidden_state"], feed)
-            out[batch] = _cls_normalized(hidden)
+            out[batch] = cls_normalized(hidden)
         return out
 
     return encode
@@ -240,12 +251,7 @@ def _onnx_export(settings: RunSettings, quantized: bool) -> Path:
     import transformers
 
     model_dir = Path(settings.model_path)
-    weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".bin", ".safetensors"))
-    key_parts = [str(model_dir.resolve()), torch.__version__, transformers.__version__]
-    key_parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in weights]
-    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:16]
-    base = Path(settings.cache_dir) if settings.cache_dir else model_dir / ".bench-cache"
-    folder = base / "onnx-peer" / key
+    folder = export_folder(settings, "onnx-peer", [torch.__version__, transformers.__version__])
     fp32_file, int8_file = folder / "model.onnx", folder / "model.int8.onnx"
     if not (folder / "fp32.complete").exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -264,6 +270,18 @@ def _onnx_export(settings: RunSettings, quantized: bool) -> Path:
             raise ConfigUnavailable(reason) from exc
         (folder / "int8.complete").touch()
     return int8_file
+
+
+def export_folder(settings: RunSettings, exporter: str, versions: list[str]) -> Path:
+    """Where `exporter`'s export of the model lives: keyed by the model's path and weight files and the
+    exporting libraries' versions, so a changed checkpoint or library gets a fresh export."""
+    model_dir = Path(settings.model_path)
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".bin", ".safetensors"))
+    key_parts = [str(model_dir.resolve()), *versions]
+    key_parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in weights]
+    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:16]
+    base = Path(settings.cache_dir) if settings.cache_dir else model_dir / ".bench-cache"
+    return base / exporter / key
 
 
 def _export_fp32(model_dir: Path, out_file: Path) -> None:

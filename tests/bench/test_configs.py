@@ -110,3 +110,66 @@ def test_compiled_rows_load_under_torch_compile(monkeypatch):
     assert seen[0]["compile"] is True and seen[1]["compile"] is False and seen[1]["cuda_graphs"] is False
     assert "compile" not in seen[2] and seen[2]["backend"] == "onnx"
     assert seen[3]["cuda_graphs"] is True and seen[3]["device"] == "cuda:0"
+
+
+def test_openvino_rows_are_peers_in_three_precisions():
+    names = [c.name for c in parse_compare("openvino")]
+    assert names == ["openvino-fp32", "openvino-bf16", "openvino-int8"]
+    assert parse_config("openvino-int8-t2") == BenchConfig("openvino", "int8", 2)
+    row = parse_config("openvino-fp32")
+    assert row.is_peer and row.own_interpreter and row.device == "cpu"
+    assert not parse_config("transformers-fp32").own_interpreter and not parse_config("cpu-fp32").own_interpreter
+    for bad in ("openvino-fp16", "openvino-fp32-compiled", "openvino-fp32-graphs"):
+        with pytest.raises(ValueError):
+            parse_config(bad)
+
+
+def test_openvino_rows_say_how_to_get_their_interpreter():
+    """No interpreter, or one without optimum-intel: skipped with the script to run; bgeserve's packages don't count."""
+    missing = MachineFacts(cpu_bf16=True, packages=ALL_PEERS | {"optimum.intel"})
+    for name in ("openvino-fp32", "openvino-bf16", "openvino-int8"):
+        reason = skip_reason(parse_config(name), missing)
+        assert "scripts/openvino_venv.sh" in reason and "--openvino-python" in reason
+    broken = MachineFacts(cpu_bf16=True, openvino_python="/opt/py/bin/python", openvino_ready=False)
+    assert "/opt/py/bin/python cannot import optimum.intel" in skip_reason(parse_config("openvino-fp32"), broken)
+    ready = MachineFacts(cpu_bf16=False, openvino_python="/opt/py/bin/python", openvino_ready=True)
+    assert skip_reason(parse_config("openvino-fp32"), ready) is None
+    assert skip_reason(parse_config("openvino-int8-t1"), ready) is None
+    # bf16 follows the CPU rule of every bf16 row; dense only, like the transformers peer.
+    assert "native bf16" in skip_reason(parse_config("openvino-bf16"), ready)
+    assert skip_reason(parse_config("openvino-bf16"), ready, allow_emulated_bf16=True) is None
+    assert "dense" in skip_reason(parse_config("openvino-fp32"), ready, outputs="all")
+
+
+def test_openvino_interpreter_default_and_probe(tmp_path):
+    import sys
+
+    from bgeserve.bench.configs import default_openvino_python, interpreter_has_module
+
+    python = tmp_path / ".venv-openvino" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.symlink_to(sys.executable)
+    assert default_openvino_python(cwd=tmp_path) == str(python)  # the venv's own path, symlink kept
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    found = default_openvino_python(cwd=empty)  # falls back to the checkout's venv, if it has one
+    assert found is None or found.endswith(".venv-openvino/bin/python")
+    assert interpreter_has_module(str(python), "json") is True
+    assert interpreter_has_module(str(python), "no_such_module_here") is False
+    assert interpreter_has_module(str(tmp_path / "no-python"), "json") is False
+
+
+def test_openvino_jobs_run_under_their_interpreter():
+    import sys
+
+    from bgeserve.bench.job import Job, interpreter
+    from bgeserve.bench.measure import MeasureOptions
+    from bgeserve.bench.runners import RunSettings
+
+    settings = RunSettings(model_path="unused", openvino_python="/opt/ov/bin/python")
+    job = Job("openvino-int8", settings, MeasureOptions(), ["a"], "a", ["a"])
+    assert interpreter(job) == "/opt/ov/bin/python"
+    assert interpreter(Job("transformers-fp32", settings, MeasureOptions(), ["a"], "a", ["a"])) == sys.executable
+    assert Job.from_json(job.to_json()) == job  # the setting reaches the child process
+    with pytest.raises(ValueError, match="openvino_venv.sh"):
+        interpreter(Job("openvino-fp32", RunSettings(model_path="unused"), MeasureOptions(), ["a"], "a", ["a"]))
