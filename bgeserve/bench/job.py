@@ -75,8 +75,9 @@ def execute(job: Job) -> JobOutcome:
         measurement.notes = list(getattr(encode, "notes", []))  # what the peer reports it ran (openvino)
         measurement.peak_memory_bytes = memory.stop()
         measurement.memory_kind = memory.kind
-        if config.device.startswith("cuda"):
-            # After the peak-memory reading: the product's operands are not the row's memory.
+        if config.device.startswith("cuda") or config.kind == "cpu":
+            # After the peak-memory reading: the product's operands are not the row's memory. On the CPU
+            # for our torch rows only: the rate is that of our backend's kernel on the row's threads.
             measurement.matmul_tflops = measure_matmul_tflops(config.device, config.dtype)
         return JobOutcome("ok", measurement=measurement)
     except ConfigUnavailable as exc:

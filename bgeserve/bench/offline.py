@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bgeserve.bench.configs import OURS, BenchConfig, MachineFacts, skip_reason
-from bgeserve.bench.flops import CUDA_MATMUL_SIZE
+from bgeserve.bench.flops import matmul_shape
 from bgeserve.bench.job import Job, JobOutcome, execute, execute_isolated
 from bgeserve.bench.measure import MeasureOptions
 from bgeserve.bench.runners import RunSettings
@@ -237,8 +237,10 @@ def _row(config: BenchConfig, outcome: JobOutcome, corpus: Corpus, flops_per_tok
         if m.matmul_tflops:
             row.device_tflops = m.matmul_tflops
             row.matmul_use = row.model_tflops / m.matmul_tflops
-            row.notes.append(f"matmul use {row.matmul_use:.0%} of {m.matmul_tflops:,.0f} TFLOP/s "
-                             f"({config.dtype} {CUDA_MATMUL_SIZE}^3 product here)")
+            tflops = m.matmul_tflops
+            rate = f"{tflops:,.0f} TFLOP/s" if tflops >= 10 else f"{tflops * 1e3:,.0f} GFLOP/s"
+            row.notes.append(f"matmul use {row.matmul_use:.0%} of {rate} "
+                             f"({config.dtype} {matmul_shape(config.device)} product here)")
     return row
 
 

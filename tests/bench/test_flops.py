@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bgeserve.bench.configs import BenchConfig
-from bgeserve.bench.flops import measure_matmul_tflops, projection_flops_per_token
+from bgeserve.bench.flops import matmul_shape, measure_matmul_tflops, projection_flops_per_token
 from bgeserve.bench.job import JobOutcome
 from bgeserve.bench.measure import Measurement
 from bgeserve.bench.offline import Corpus, _row
@@ -32,8 +32,9 @@ def test_bge_m3_costs_the_issues_0_61_gflop_per_token(tmp_path: Path):
 
 
 def test_product_rate_is_measured_in_the_rows_precision():
-    rate = measure_matmul_tflops("cpu", "fp32", size=256, repeats=2)
+    rate = measure_matmul_tflops("cpu", "fp32")
     assert rate is not None and 0 < rate < 100  # TFLOP/s: any CPU lands far below 100
+    assert matmul_shape("cpu") == "2048x1024x4096" and matmul_shape("cuda:0") == "8192^3"
     assert measure_matmul_tflops("cpu", "int8", size=64) is None  # no plain int8 product to time
 
 
@@ -50,6 +51,14 @@ def test_a_cuda_rows_share_of_the_cards_rate():
     assert "matmul use 9% of 400 TFLOP/s" in "; ".join(row.notes)
     doc = row.as_dict()
     assert doc["matmul_use"] == pytest.approx(0.09) and doc["device_matmul_tflops"] == 400.0
+
+
+def test_a_cpu_rows_share_of_its_bf16_product_rate():
+    measurement = Measurement(corpus_seconds=[0.5], query_ms=[1.0], batch_ms=[2.0], matmul_tflops=2.0)
+    row = _row(BenchConfig("cpu", "bf16"), JobOutcome("ok", measurement=measurement), _corpus(), 1e11)
+    # 18 tokens/s x 0.1 TFLOP per token = 1.8 TFLOP/s of 2.
+    assert row.matmul_use == pytest.approx(0.9)
+    assert "matmul use 90% of 2,000 GFLOP/s (bf16 2048x1024x4096 product here)" in "; ".join(row.notes)
 
 
 def test_rows_without_a_device_rate_report_only_their_own():
