@@ -29,12 +29,11 @@ class ModelLacksOutput(BgeServeError):
 class InputTooLong(BgeServeError):
     """An input is longer than the model accepts and truncation was not allowed."""
 
-    def __init__(self, index: int, length: int, limit: int) -> None:
+    def __init__(self, index: int, length: int | None, limit: int) -> None:
+        # length None: only known to be over the limit (a long text is tokenised only as far as needed).
         self.index, self.length, self.limit = index, length, limit
-        super().__init__(
-            f"input {index} has {length} tokens, more than the model's limit of {limit}; "
-            f"pass truncate=true to cut it"
-        )
+        size = f"has {length} tokens, more" if length is not None else "is longer"
+        super().__init__(f"input {index} {size} than the model's limit of {limit}; pass truncate=true to cut it")
 
 
 class InvalidInput(BgeServeError, ValueError):

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import sys
 
 log = logging.getLogger("bgeserve.serve")
@@ -63,8 +64,10 @@ def serve(args: argparse.Namespace) -> int:
     except (BgeServeError, ValueError) as exc:
         print(f"bgeserve serve: error: {exc}", file=sys.stderr)
         return 1
+    connection_limit = settings.connection_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     # What the service really runs with: the defaults that depend on the model and devices resolved.
     resolved = {
+        "limit_concurrency": connection_limit,
         "model": str(checkpoint.path),
         "served_model_name": settings.served_model_name or engine.name,
         "devices": ",".join(engine.devices),
@@ -82,6 +85,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from bgeserve.api.app import create_app
+    from bgeserve.api.connections import guarded_protocol
 
     app = create_app(settings, engine)
     uvicorn.run(
@@ -90,6 +94,10 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,  # keep the logging configured above
         access_log=False,  # the app logs each request itself, with its timings
-        timeout_graceful_shutdown=None,  # SIGTERM: finish every in-flight request first
+        http=guarded_protocol(settings.read_timeout),  # h11 with a deadline on each request head
+        timeout_keep_alive=settings.timeout_keep_alive,
+        limit_concurrency=connection_limit,
+        # SIGTERM finishes in-flight requests, but no longer than this: a stalled client cannot hold it.
+        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
     )
     return 0

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from bgeserve.engine.errors import EmptyInput, NonFiniteOutput, RequestTimedOut, ShuttingDown
 from bgeserve.errors import InputTooLong, InvalidInput, ModelLacksOutput, Overloaded
@@ -41,13 +42,21 @@ class ClientDisconnected(Exception):
     """The client closed the connection before its answer was ready."""
 
 
+class BodyReadTimeout(Exception):
+    """The request body did not arrive within --read-timeout."""
+
+
+class MalformedBody(Exception):
+    """The request body is not UTF-8, not JSON, or JSON Python cannot read (too deep, huge integers)."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     """How one error type looks on the wire in each route family."""
 
     status: int
     openai_type: str
-    openai_code: str | None
+    openai_code: str
     tei_type: str
     tei_status: int | None = None  # TEI's fixed status for its error type when it differs
 
@@ -57,6 +66,8 @@ _KINDS: list[tuple[type[BaseException], ErrorKind]] = [
     (ClientDisconnected, ErrorKind(499, "invalid_request_error", "client_closed", "Cancelled")),
     (Unauthorized, ErrorKind(401, "invalid_request_error", "invalid_api_key", "Unauthorized")),
     (PayloadTooLarge, ErrorKind(413, "invalid_request_error", "payload_too_large", "Validation")),
+    (BodyReadTimeout, ErrorKind(408, "invalid_request_error", "request_timeout", "Timeout")),
+    (MalformedBody, ErrorKind(400, "invalid_request_error", "invalid_json", "Validation")),
     (Overloaded, ErrorKind(429, "rate_limit_error", "overloaded", "Overloaded")),
     (EmptyInput, ErrorKind(400, "invalid_request_error", "empty_input", "Empty")),
     (InputTooLong, ErrorKind(400, "invalid_request_error", "context_length_exceeded", "Validation", 422)),
@@ -68,6 +79,10 @@ _KINDS: list[tuple[type[BaseException], ErrorKind]] = [
     (NonFiniteOutput, ErrorKind(500, "server_error", "non_finite_output", "Backend", 424)),
 ]
 _UNEXPECTED = ErrorKind(500, "server_error", "internal_error", "Backend", 424)
+# Seconds a client told 429 should wait: slots free as batches finish, well within a second.
+RETRY_AFTER_SECONDS = 1
+# OpenAI's `code` for errors of the HTTP layer itself (unknown route, wrong method, ...).
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 503: "unavailable"}
 
 
 def is_openai_family(path: str) -> bool:
@@ -99,10 +114,42 @@ def response_for_exception(path: str, exc: BaseException) -> JSONResponse:
             # Checks of other fields set `param` on the error; the rest are about the inputs.
             default = "input" if isinstance(exc, InvalidInput | InputTooLong) else None
             param = getattr(exc, "param", default)
-            headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-            return error_response(path, str(exc), kind, param, headers)
+            return error_response(path, str(exc), kind, param, _headers_for(exc))
     log.error("unexpected error on %s", path, exc_info=exc)
     return error_response(path, f"internal error: {type(exc).__name__}: {exc}", _UNEXPECTED)
+
+
+def _headers_for(exc: BaseException) -> dict[str, str] | None:
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, Overloaded):
+        return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    if isinstance(exc, BodyReadTimeout):
+        return {"Connection": "close"}  # the rest of the body may never come: do not wait for it
+    return None
+
+
+def body_error(exc: BaseException | None) -> MalformedBody:
+    """What was wrong with a body that could not be decoded, from the exception the decoder raised."""
+    if isinstance(exc, UnicodeDecodeError):
+        return MalformedBody(
+            f"request body is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at position {exc.start})"
+        )
+    if isinstance(exc, json.JSONDecodeError):
+        return MalformedBody(f"request body is not valid JSON ({exc.msg} at character {exc.pos})")
+    if isinstance(exc, RecursionError):
+        return MalformedBody("request body nests arrays or objects too deeply to be read")
+    if isinstance(exc, ValueError) and "digits" in str(exc):
+        return MalformedBody(f"request body holds an integer too long to be read ({exc})")
+    return MalformedBody("request body could not be read as JSON")
+
+
+def decode_json(raw: bytes) -> Any:
+    """The body as JSON, strictly UTF-8; MalformedBody naming what is wrong otherwise."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise body_error(exc) from exc
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, bool]:
@@ -132,15 +179,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, b
 
 async def json_body(request: Request) -> Any:
     """The request body as JSON, for routes that pick their schema from it; bad JSON fails as elsewhere."""
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        where = getattr(exc, "pos", getattr(exc, "start", None))
-        detail = getattr(exc, "msg", "not UTF-8")
-        raise RequestValidationError(
-            [{"type": "json_invalid", "loc": ("body", where), "msg": "JSON decode error", "ctx": {"error": detail}}]
-        ) from exc
+    return decode_json(await request.body())
 
 
 def validated(schema: type[BodyModel], payload: Any) -> BodyModel:
@@ -149,6 +188,16 @@ def validated(schema: type[BodyModel], payload: Any) -> BodyModel:
         return schema.model_validate(payload)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette names only the first route's, and `/`
+    has two: POST for the task route, GET and HEAD for health)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -165,11 +214,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in detail:
-            # What FastAPI says for bytes that are not UTF-8 at all.
-            detail = "request body is not valid UTF-8 JSON"
+            # FastAPI's one message for every body json.loads raised on: say which problem it was.
+            return response_for_exception(request.url.path, body_error(exc.__cause__))
         tei_type = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "Validation")
-        kind = ErrorKind(exc.status_code, "invalid_request_error", None, tei_type)
-        return error_response(request.url.path, detail, kind, headers=getattr(exc, "headers", None))
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        kind = ErrorKind(exc.status_code, "invalid_request_error", code, tei_type)
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_response(request.url.path, detail, kind, headers=headers or None)
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         return response_for_exception(request.url.path, exc)

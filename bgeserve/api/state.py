@@ -14,6 +14,9 @@ from bgeserve.engine.engine import EmbeddingEngine
 
 log = logging.getLogger("bgeserve.api")
 
+# Characters of a client-supplied model name kept and logged: names are short, a client may send megabytes.
+MODEL_NAME_CHARS = 100
+
 
 @dataclass
 class Service:
@@ -27,7 +30,11 @@ class Service:
 
     def note_requested_model(self, name: str | None) -> None:
         """OpenAI clients must name a model; another name is served anyway and logged once."""
-        if not name or name == self.model_name or name in self._mismatched_names:
+        if not name or name == self.model_name:
+            return
+        if len(name) > MODEL_NAME_CHARS:
+            name = f"{name[:MODEL_NAME_CHARS]}... ({len(name)} characters)"
+        if name in self._mismatched_names:
             return
         if len(self._mismatched_names) < 100:  # bounded: clients can send any string
             self._mismatched_names.add(name)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from bgeserve.engine.errors import EmptyInput, RequestTimedOut, ShuttingDown
 from bgeserve.engine.observer import EngineObserver, NullObserver
@@ -19,6 +19,9 @@ from bgeserve.runtime.backend import Backend, Capabilities, ItemOutput, OutputRe
 
 if TYPE_CHECKING:
     from bgeserve.models.checkpoint import Checkpoint
+    from bgeserve.models.tokenizer import DetailedTokens
+
+T = TypeVar("T")
 
 # Token budget per forward pass when none is set. GPUs need big batches to fill the card. On the CPU,
 # packed batches keep the same throughput from 1k to 16k tokens (measured on the full-size bge-m3, 1.58-1.61
@@ -310,11 +313,12 @@ class EmbeddingEngine:
                     truncated += 1
                 ids[index] = seq
         if texts:
-            encoded = self.tokenizer.encode(texts, limit, truncate=truncate, direction=direction)
+            # Always cut (a long text costs a window, not its whole length); refuse what was cut if asked to.
+            encoded = self.tokenizer.encode(texts, limit, truncate=True, direction=direction)
             for position, seq, was_cut, full in zip(
                 text_positions, encoded.ids, encoded.truncated, encoded.full_lengths, strict=True
             ):
-                if len(seq) > limit:
+                if was_cut and not truncate:
                     raise InputTooLong(position, full, limit)
                 truncated += int(was_cut)
                 ids[position] = seq
@@ -349,30 +353,61 @@ class EmbeddingEngine:
             )
         return seq
 
-    async def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list]:
-        """TEI /tokenize: token id, text, special flag and character offsets per input."""
+    async def tokenize(
+        self,
+        texts: Sequence[str],
+        add_special_tokens: bool = True,
+        *,
+        truncate: bool | None = None,
+        direction: str = "right",
+    ) -> list[DetailedTokens]:
+        """TEI /tokenize: token id, text, special flag and character offsets per input, cut to the
+        model's limit like `encode` cuts (InputTooLong when `truncate` is false). Takes input slots."""
         if not texts:
             raise EmptyInput("no inputs given: send at least one text")
+        if direction not in ("right", "left"):
+            raise InvalidInput(f"truncation direction must be 'right' or 'left', not {direction!r}")
         for index, text in enumerate(texts):
             _check_text(index, text)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenizer_pool,
-            lambda: [self.tokenizer.tokenize_detailed(text, add_special_tokens) for text in texts],
-        )
+        truncate = self.config.auto_truncate if truncate is None else truncate
+
+        def work() -> list[DetailedTokens]:
+            results = []
+            for index, text in enumerate(texts):
+                result = self.tokenizer.tokenize_detailed(text, add_special_tokens, self.max_length, direction)
+                if result.truncated and not truncate:
+                    raise InputTooLong(index, result.full_length, self.max_length)
+                results.append(result)
+            return results
+
+        return await self._in_tokenizer_pool(len(texts), work)
 
     async def decode(self, sequences: Sequence[list[int]], skip_special_tokens: bool = True) -> list[str]:
-        """TEI /decode: token ids back to text, one string per sequence."""
+        """TEI /decode: token ids back to text, one string per sequence. Takes input slots."""
         if not sequences:
             raise EmptyInput("no ids given")
         checked = [
             self._check_ids(index, list(seq)) if seq else [] for index, seq in enumerate(sequences)
         ]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenizer_pool,
-            lambda: [self.tokenizer.decode(seq, skip_special_tokens) for seq in checked],
+        return await self._in_tokenizer_pool(
+            len(checked), lambda: [self.tokenizer.decode(seq, skip_special_tokens) for seq in checked]
         )
+
+    async def _in_tokenizer_pool(self, inputs: int, work: Callable[[], T]) -> T:
+        """Runs `work` in the tokenizer pool holding slots for `inputs` (as encode does: at most a
+        window of them), so tokenizer-only routes count towards the same back-pressure and timeout."""
+        if not self._running:
+            raise ShuttingDown("the server is not accepting requests (starting up or shutting down)")
+        loop = asyncio.get_running_loop()
+        with self.slots.hold(min(inputs, self.window_size)):
+            try:
+                async with asyncio.timeout(self.config.request_timeout):
+                    return await loop.run_in_executor(self._tokenizer_pool, work)
+            except TimeoutError as exc:
+                raise RequestTimedOut(
+                    f"the request did not finish within the server's timeout of "
+                    f"{self.config.request_timeout:g} s"
+                ) from exc
 
 
 def _check_text(index: int, text: str) -> None:

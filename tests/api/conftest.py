@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -26,16 +27,25 @@ def free_port() -> int:
 class Server:
     """One `python -m bgeserve serve` child process; `url` once /health answers 200."""
 
-    def __init__(self, args: list[str], log_file: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log_file: Path, env: dict[str, str] | None = None, open_files: int | None = None
+    ) -> None:
+        """`open_files`: the child's soft RLIMIT_NOFILE (to test what happens at the descriptor limit)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = log_file
         self._log = log_file.open("w")
+
+        def limit_open_files() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bgeserve", "serve", "--port", str(self.port), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "BGESERVE_THREADS": "1", **(env or {})},
+            preexec_fn=limit_open_files if open_files is not None else None,
         )
         self._wait_healthy()
 

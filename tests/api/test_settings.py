@@ -51,11 +51,27 @@ def test_flags_win_over_environment_and_device_is_honoured():
         ([], {"BGESERVE_PORT": "eighty"}, "BGESERVE_PORT"),
         ([], {"BGESERVE_LOG_JSON": "perhaps"}, "boolean"),
         (["--request-timeout", "0"], {}, "request-timeout"),
+        (["--read-timeout", "0"], {}, "read-timeout"),
+        (["--timeout-graceful-shutdown", "-1"], {}, "timeout-graceful-shutdown"),
+        (["--limit-concurrency", "0"], {}, "limit-concurrency"),
+        (["--api-key", ""], {}, "empty"),
+        ([], {"BGESERVE_API_KEY": ""}, "empty"),
     ],
 )
 def test_bad_values_are_refused(argv, env, words):
     with pytest.raises(SettingsError, match=words):
         parse(argv, env)
+
+
+def test_connection_defaults_are_bounded():
+    settings = parse([])
+    assert settings.read_timeout == 30 and settings.timeout_keep_alive == 5
+    assert settings.timeout_graceful_shutdown == 60  # SIGTERM always ends
+    # The connection cap leaves descriptors for the process itself; an explicit value wins.
+    assert settings.connection_limit(1024) == 896 and settings.connection_limit(1_000_000) == 4096
+    assert parse(["--limit-concurrency", "10"]).connection_limit(1024) == 10
+    # An empty optional text variable still means "not set" where that is harmless.
+    assert parse([], {"BGESERVE_MODEL": ""}).model is None
 
 
 def test_cli_reports_bad_settings_and_missing_model_without_traceback(tmp_path):
