@@ -11,10 +11,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bgeserve import scoring
+from bgeserve.core import ItemOutput, OutputRequest
 from bgeserve.engine.batching import plan_batches
 from bgeserve.errors import InvalidInput
 from bgeserve.models.checkpoint import load_checkpoint
-from bgeserve.runtime.backend import ItemOutput, OutputRequest
 from bgeserve.runtime.devices import resolve_device
 from bgeserve.runtime.factory import create_backend
 from bgeserve.sparse import sparse_vector

@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from bgeserve.core import OutputRequest
     from bgeserve.embedder import Embedder
-    from bgeserve.runtime.backend import OutputRequest
 
     if args.batch_size < 1 or args.max_batch_tokens < 1 or args.chunk < 1:
         raise ValueError("--batch-size, --max-batch-tokens and --chunk must be positive")

@@ -46,3 +46,19 @@ class Overloaded(BgeServeError):
 
 class DeviceUnavailable(BgeServeError):
     """The requested device (e.g. cuda:3) does not exist on this machine."""
+
+
+class EmptyInput(InvalidInput):
+    """No inputs at all, or an input with no text / no token ids (TEI's `Empty`, HTTP 400)."""
+
+
+class RequestTimedOut(BgeServeError):
+    """A request did not get its outputs within the configured request timeout."""
+
+
+class NonFiniteOutput(BgeServeError):
+    """The model produced NaN or infinity for an input; never handed to the caller as numbers."""
+
+
+class ShuttingDown(BgeServeError):
+    """The engine is stopping and takes no new work (HTTP 503)."""

@@ -52,9 +52,9 @@ def report(name: str, seconds: float, latencies: list[float]) -> None:
 
 
 async def in_process(model: str | None, texts: list[str], clients: int, rounds: int) -> None:
+    from bgeserve.core import OutputRequest
     from bgeserve.engine.engine import EmbeddingEngine, EngineConfig
     from bgeserve.models.checkpoint import load_checkpoint
-    from bgeserve.runtime.backend import OutputRequest
 
     engine = EmbeddingEngine.from_checkpoint(load_checkpoint(model), ["cpu"], config=EngineConfig())
     engine.warmup()

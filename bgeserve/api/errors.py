@@ -20,8 +20,17 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from bgeserve.engine.errors import EmptyInput, NonFiniteOutput, RequestTimedOut, ShuttingDown
-from bgeserve.errors import InputTooLong, InvalidInput, ModelLacksOutput, Overloaded
+from bgeserve.errors import (
+    BgeServeError,
+    EmptyInput,
+    InputTooLong,
+    InvalidInput,
+    ModelLacksOutput,
+    NonFiniteOutput,
+    Overloaded,
+    RequestTimedOut,
+    ShuttingDown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +39,23 @@ BodyModel = TypeVar("BodyModel", bound=BaseModel)
 OPENAI_PREFIXES = ("/v1/", "/embeddings", "/encode", "/score")
 
 
-class Unauthorized(Exception):
+class Unauthorized(BgeServeError):
     """Missing or wrong API key."""
 
 
-class PayloadTooLarge(Exception):
+class PayloadTooLarge(BgeServeError):
     """The request body is over --payload-limit."""
 
 
-class ClientDisconnected(Exception):
+class ClientDisconnected(BgeServeError):
     """The client closed the connection before its answer was ready."""
 
 
-class BodyReadTimeout(Exception):
+class BodyReadTimeout(BgeServeError):
     """The request body did not arrive within --read-timeout."""
 
 
-class MalformedBody(Exception):
+class MalformedBody(BgeServeError):
     """The request body is not UTF-8, not JSON, or JSON Python cannot read (too deep, huge integers)."""
 
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bgeserve.core import ItemOutput
 from bgeserve.engine.engine import EncodeResult
 from bgeserve.errors import InvalidInput
-from bgeserve.runtime.backend import ItemOutput
 
 
 def check_batch_size(count: int, limit: int, what: str = "inputs", flag: str = "--max-client-batch-size") -> None:

@@ -10,8 +10,8 @@ from bgeserve.api.outputs import check_batch_size, timing_headers, to_base64
 from bgeserve.api.schemas import EncodeRequest, EncodeResponse, ScoreRequest, ScoreResponse, as_input_list
 from bgeserve.api.scores import check_weights, hybrid_scores
 from bgeserve.api.state import ServiceDep
+from bgeserve.core import OutputRequest
 from bgeserve.errors import InvalidInput
-from bgeserve.runtime.backend import OutputRequest
 from bgeserve.scoring import DEFAULT_WEIGHTS
 from bgeserve.sparse import sparse_vector
 

@@ -9,7 +9,7 @@ from bgeserve.api.cancellation import unless_disconnected
 from bgeserve.api.outputs import check_batch_size, check_dimensions, dense_matrix, timing_headers, to_base64
 from bgeserve.api.schemas import OpenAIEmbeddingRequest, OpenAIEmbeddingResponse, as_input_list
 from bgeserve.api.state import ServiceDep
-from bgeserve.runtime.backend import OutputRequest
+from bgeserve.core import OutputRequest
 
 router = APIRouter(tags=["OpenAI"])
 

@@ -33,8 +33,8 @@ from bgeserve.api.schemas import (
 )
 from bgeserve.api.scores import check_weights, dense_scores, hybrid_scores
 from bgeserve.api.state import ServiceDep
-from bgeserve.engine.errors import EmptyInput
-from bgeserve.runtime.backend import OutputRequest
+from bgeserve.core import PRECISION_NAMES, OutputRequest
+from bgeserve.errors import EmptyInput
 from bgeserve.sparse import sparse_vector, tei_sparse_values
 
 router = APIRouter(tags=["TEI"])
@@ -42,7 +42,6 @@ health_router = APIRouter(tags=["TEI"])
 
 # FlagEmbedding's suggested hybrid weights for ranking (dense, sparse, colbert).
 DEFAULT_RERANK_WEIGHTS = (0.4, 0.2, 0.4)
-_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
 
 
 async def _encode_inputs(body, request: Request, svc: ServiceDep, want: OutputRequest):
@@ -228,7 +227,7 @@ async def info(svc: ServiceDep) -> dict:
     return {
         "model_id": svc.model_name,
         "model_sha": None,
-        "model_dtype": _DTYPE_NAMES.get(engine.dtype, engine.dtype),
+        "model_dtype": PRECISION_NAMES.get(engine.dtype, engine.dtype),
         "model_type": {"embedding": {"pooling": getattr(engine.checkpoint, "pooling", "cls")}},
         "max_concurrent_requests": settings.max_concurrent_requests,
         "max_input_length": engine.max_length,

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bgeserve.core import ItemOutput
 from bgeserve.errors import InvalidInput
-from bgeserve.runtime.backend import ItemOutput
 from bgeserve.scoring import colbert_score, compute_lexical_matching_score
 
 # Weights whose largest lies outside this range are divided by it first: a weighted mean does not

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import time
 
+from bgeserve.core import PRECISION_NAMES
 from bgeserve.models.config import EncoderConfig
 
 # A product big enough to reach a GPU's peak (8192^3: ~1.1 TFLOP, ~1.4 ms on an H200 in bf16).
 CUDA_MATMUL_SIZE = 8192
 # On the CPU: 2048 token rows times a [1024, 4096] weight, bge-m3's first feed-forward product.
 CPU_MATMUL_ROWS, CPU_MATMUL_SIZE = 2048, 1024
-_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Products are timed in the floating-point precisions; int8 has no plain product to time.
+_FLOAT = ("fp32", "fp16", "bf16")
 
 
 def projection_flops_per_token(config: EncoderConfig) -> float:
@@ -40,14 +42,14 @@ def measure_matmul_tflops(device: str, dtype: str, size: int = CUDA_MATMUL_SIZE,
     (fp32/fp16/bf16), best of a few timings after a warm-up; None for a dtype with no such product (int8)."""
     import torch
 
-    if dtype not in _TORCH_DTYPES:
+    if dtype not in _FLOAT:
         return None
     if not device.startswith("cuda"):
         from bgeserve.runtime.cpu_features import matmul_rate
 
-        rate = matmul_rate(getattr(torch, _TORCH_DTYPES[dtype]), rows=CPU_MATMUL_ROWS, size=CPU_MATMUL_SIZE)
+        rate = matmul_rate(getattr(torch, PRECISION_NAMES[dtype]), rows=CPU_MATMUL_ROWS, size=CPU_MATMUL_SIZE)
         return rate / 1e12
-    torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
+    torch_dtype = getattr(torch, PRECISION_NAMES[dtype])
     a = torch.randn(size, size, device=device, dtype=torch_dtype)
     b = torch.randn(size, size, device=device, dtype=torch_dtype)
     cuda = device.startswith("cuda")

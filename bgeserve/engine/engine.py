@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
-from bgeserve.engine.errors import EmptyInput, RequestTimedOut, ShuttingDown
+from bgeserve.core import Capabilities, ItemOutput, OutputRequest
 from bgeserve.engine.observer import EngineObserver, NullObserver
 from bgeserve.engine.queue import TokenBudgetBatcher, WorkItem
 from bgeserve.engine.replicas import ReplicaPool, build_backends
 from bgeserve.engine.slots import InputSlots
-from bgeserve.errors import InputTooLong, InvalidInput
-from bgeserve.runtime.backend import Backend, Capabilities, ItemOutput, OutputRequest
+from bgeserve.errors import EmptyInput, InputTooLong, InvalidInput, RequestTimedOut, ShuttingDown
+from bgeserve.runtime.backend import Backend
 
 if TYPE_CHECKING:
     from bgeserve.models.checkpoint import Checkpoint

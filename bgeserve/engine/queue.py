@@ -8,9 +8,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from bgeserve.core import ItemOutput, OutputRequest
 from bgeserve.engine.batching import plan_batches
-from bgeserve.engine.errors import ShuttingDown
-from bgeserve.runtime.backend import ItemOutput, OutputRequest
+from bgeserve.errors import ShuttingDown
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bgeserve.engine.errors import NonFiniteOutput
+from bgeserve.core import ItemOutput
 from bgeserve.engine.observer import EngineObserver, NullObserver
 from bgeserve.engine.queue import TokenBudgetBatcher, WorkItem
-from bgeserve.runtime.backend import Backend, ItemOutput
+from bgeserve.errors import NonFiniteOutput
+from bgeserve.runtime.backend import Backend
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from bgeserve.core import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, Capabilities
 from bgeserve.errors import InvalidCheckpoint, ModelNotFound
 from bgeserve.models.config import EncoderConfig
 from bgeserve.models.tokenizer import TextTokenizer
-from bgeserve.runtime.backend import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, Capabilities
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from bgeserve.core import Capabilities, ItemOutput, OutputRequest
 from bgeserve.errors import DeviceUnavailable
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.packed import PackedBatch
-from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
 from bgeserve.runtime.devices import resolve_device
 from bgeserve.runtime.onnx_cache import ensure_onnx_model
 from bgeserve.runtime.onnx_export import COLBERT, HIDDEN, TOKEN_WEIGHTS, packed_inputs

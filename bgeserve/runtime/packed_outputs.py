@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bgeserve.core import ItemOutput, OutputRequest
 from bgeserve.models.heads import lexical_weights, pool_dense
 from bgeserve.models.packed import PackedBatch
-from bgeserve.runtime.backend import ItemOutput, OutputRequest
 
 
 @dataclass

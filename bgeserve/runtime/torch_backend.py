@@ -7,12 +7,12 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from bgeserve.core import Capabilities, ItemOutput, OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.heads import colbert_vectors, token_weights
 from bgeserve.models.packed import PackedBatch
-from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
 from bgeserve.runtime.cpu_linear import pack_encoder_linears
 from bgeserve.runtime.cuda_graphs import GraphedForward
 from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bgeserve.runtime.backend import Capabilities, ItemOutput, OutputRequest
+from bgeserve.core import Capabilities, ItemOutput, OutputRequest
 
 HIDDEN = 8
 

@@ -8,10 +8,17 @@ import random
 import numpy as np
 import pytest
 
+from bgeserve.core import OutputRequest
 from bgeserve.engine.engine import EmbeddingEngine, EngineConfig
-from bgeserve.engine.errors import EmptyInput, NonFiniteOutput, RequestTimedOut
-from bgeserve.errors import InputTooLong, InvalidInput, ModelLacksOutput, Overloaded
-from bgeserve.runtime.backend import OutputRequest
+from bgeserve.errors import (
+    EmptyInput,
+    InputTooLong,
+    InvalidInput,
+    ModelLacksOutput,
+    NonFiniteOutput,
+    Overloaded,
+    RequestTimedOut,
+)
 
 from .conftest import FakeBackend, expected_dense
 

@@ -8,11 +8,10 @@ import time
 
 import pytest
 
-from bgeserve.engine.errors import ShuttingDown
+from bgeserve.core import OutputRequest
 from bgeserve.engine.queue import TokenBudgetBatcher, WorkItem
 from bgeserve.engine.slots import InputSlots
-from bgeserve.errors import Overloaded
-from bgeserve.runtime.backend import OutputRequest
+from bgeserve.errors import Overloaded, ShuttingDown
 
 DENSE = OutputRequest()
 

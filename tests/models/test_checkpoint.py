@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
+from bgeserve.core import OutputRequest
 from bgeserve.errors import InvalidCheckpoint, ModelLacksOutput, ModelNotFound
 from bgeserve.models.checkpoint import load_checkpoint
-from bgeserve.runtime.backend import OutputRequest
 from bgeserve.runtime.torch_backend import TorchBackend
 
 

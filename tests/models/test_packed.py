@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from bgeserve.core import OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.packed import PackedBatch, padded_attention, per_sequence_attention
-from bgeserve.runtime.backend import OutputRequest
 from bgeserve.runtime.torch_backend import TorchBackend
 
 TEXTS = sample_texts()[:24]

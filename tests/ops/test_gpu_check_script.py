@@ -124,8 +124,8 @@ def test_half_model_copy_is_the_same_model_in_half_the_bytes(minilm_path: Path, 
     import torch
     from safetensors.torch import load_file
 
+    from bgeserve.core import OutputRequest
     from bgeserve.models.checkpoint import load_checkpoint
-    from bgeserve.runtime.backend import OutputRequest
     from bgeserve.runtime.torch_backend import TorchBackend
 
     script = SCRIPT.parent / "half_model.py"

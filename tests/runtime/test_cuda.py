@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bgeserve import Embedder
+from bgeserve.core import OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
-from bgeserve.runtime.backend import OutputRequest
 from bgeserve.runtime.torch_backend import TorchBackend
 
 pytestmark = [

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bgeserve.api.settings import ServeSettings
+from bgeserve.core import OutputRequest
 from bgeserve.models.checkpoint import load_checkpoint
-from bgeserve.runtime.backend import OutputRequest
 from bgeserve.runtime.cuda_graphs import GRAPH_BATCHES, GRAPH_LENGTHS, GraphedForward, graph_shape
 from bgeserve.runtime.factory import create_backend
 from bgeserve.runtime.torch_backend import TorchBackend

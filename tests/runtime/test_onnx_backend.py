@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 
+from bgeserve.core import OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.errors import DeviceUnavailable, ModelLacksOutput
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime import cpu_features, onnx_export
 from bgeserve.runtime import onnx_cache as exports
-from bgeserve.runtime.backend import OutputRequest
 from bgeserve.runtime.factory import create_backend
 from bgeserve.runtime.onnx_backend import OnnxBackend
 from bgeserve.runtime.torch_backend import TorchBackend

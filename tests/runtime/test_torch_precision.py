@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from bgeserve.core import OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
-from bgeserve.runtime.backend import OutputRequest
 from bgeserve.runtime.cpu_features import cpu_has_native_bf16, matmul_rate
 from bgeserve.runtime.devices import auto_dtype, choose_cpu_dtype, resolve_dtype
 from bgeserve.runtime.torch_backend import TorchBackend
