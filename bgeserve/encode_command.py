@@ -96,8 +96,6 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.max_batch_tokens < 1 or args.chunk < 1:
         raise ValueError("--batch-size, --max-batch-tokens and --chunk must be positive")
-    if args.max_length is not None and args.max_length < 3:
-        raise ValueError("--max-length must be at least 3")
     model = Embedder(
         args.model,
         device=args.device,

@@ -28,8 +28,8 @@ def create_app(settings: ServeSettings, engine: EmbeddingEngine) -> FastAPI:
     model_name = settings.served_model_name or engine.name
     metrics = ServiceMetrics(
         queue_depth=lambda: engine.queue_depth,
-        inflight_inputs=lambda: engine.slots.taken,
-        max_concurrent_inputs=engine.slots.capacity,
+        inflight_inputs=lambda: engine.inflight_inputs,
+        max_concurrent_inputs=engine.max_inflight_inputs,
         model=model_name,
         dtype=engine.dtype,
         devices=engine.devices,

@@ -72,7 +72,7 @@ def serve(args: argparse.Namespace) -> int:
         "served_model_name": settings.served_model_name or engine.name,
         "devices": ",".join(engine.devices),
         "dtype": engine.dtype,
-        "max_batch_tokens": engine.config.max_batch_tokens,
+        "max_batch_tokens": engine.max_batch_tokens,
     }
     log.info("settings: %s", json.dumps(settings.describe(resolved)))
     if settings.max_batch_tokens is not None and settings.max_batch_tokens < engine.max_length:

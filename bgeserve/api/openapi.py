@@ -63,7 +63,7 @@ class ServedLimits:
             openai_batch=settings.max_openai_batch_size,
             vocab_size=engine.vocab_size,
             hidden_size=engine.hidden_size,
-            min_length=engine.tokenizer.num_special_tokens + 1,
+            min_length=engine.min_token_input,
             max_length=engine.max_length,
             api_key=settings.api_key is not None,
         )

@@ -15,6 +15,7 @@ from bgeserve.engine.queue import TokenBudgetBatcher, WorkItem
 from bgeserve.engine.replicas import ReplicaPool, build_backends
 from bgeserve.engine.slots import InputSlots
 from bgeserve.errors import EmptyInput, InputTooLong, InvalidInput, RequestTimedOut, ShuttingDown
+from bgeserve.models.tokenizer import check_direction
 from bgeserve.runtime.backend import Backend
 
 if TYPE_CHECKING:
@@ -158,6 +159,31 @@ class EmbeddingEngine:
         """Inputs tokenised and waiting for a replica."""
         return len(self.batcher)
 
+    @property
+    def inflight_inputs(self) -> int:
+        """Input slots held by requests right now."""
+        return self.slots.taken
+
+    @property
+    def max_inflight_inputs(self) -> int:
+        """Input slots in all (requests past them get Overloaded)."""
+        return self.slots.capacity
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """The token budget of one forward pass, resolved for the replicas' devices."""
+        return self.config.max_batch_tokens or default_batch_tokens(self.replicas.backends)
+
+    @property
+    def pooling(self) -> str:
+        """How a text's dense vector is pooled: "cls" (bge models) or "mean" (e.g. MiniLM)."""
+        return self.checkpoint.pooling
+
+    @property
+    def min_token_input(self) -> int:
+        """The shortest token-id input this model's tokenization can give: its special tokens plus one."""
+        return self.tokenizer.shortest_input
+
     def set_observer(self, observer: EngineObserver) -> None:
         """Routes the engine's measurements to `observer` (the HTTP layer's metrics)."""
         self._observer = observer
@@ -193,7 +219,7 @@ class EmbeddingEngine:
         """The token limit for one request: the model's, or a smaller one the caller asked for."""
         if max_length is None:
             return self.max_length
-        minimum = self.tokenizer.num_special_tokens + 1
+        minimum = self.tokenizer.shortest_input
         if max_length < minimum or max_length > self.max_length:
             raise InvalidInput(
                 f"max_length must be between {minimum} and the model's limit of {self.max_length} "
@@ -291,8 +317,7 @@ class EmbeddingEngine:
         self, inputs: Sequence[str | list[int]], limit: int, truncate: bool, direction: str
     ) -> _Prepared:
         """Validates and tokenises (runs in the tokenizer pool, off the event loop)."""
-        if direction not in ("right", "left"):
-            raise InvalidInput(f"truncation direction must be 'right' or 'left', not {direction!r}")
+        check_direction(direction)
         ids: list[list[int] | None] = [None] * len(inputs)
         text_positions: list[int] = []
         texts: list[str] = []
@@ -365,8 +390,7 @@ class EmbeddingEngine:
         model's limit like `encode` cuts (InputTooLong when `truncate` is false). Takes input slots."""
         if not texts:
             raise EmptyInput("no inputs given: send at least one text")
-        if direction not in ("right", "left"):
-            raise InvalidInput(f"truncation direction must be 'right' or 'left', not {direction!r}")
+        check_direction(direction)
         for index, text in enumerate(texts):
             _check_text(index, text)
         truncate = self.config.auto_truncate if truncate is None else truncate

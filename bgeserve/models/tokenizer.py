@@ -75,6 +75,12 @@ class Body:
         return self.full_length is None or self.full_length > len(self.encoding.ids)
 
 
+def check_direction(direction: str) -> None:
+    """Truncation keeps the start of a text ("right") or its end ("left")."""
+    if direction not in ("right", "left"):
+        raise InvalidInput(f"truncation direction must be 'right' or 'left', not {direction!r}")
+
+
 class TextTokenizer:
     """Wraps `tokenizer.json`. Never mutates the shared tokenizer, so threads may share one."""
 
@@ -84,6 +90,8 @@ class TextTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self.num_special_tokens = self._tok.num_special_tokens_to_add(is_pair=False)
+        # The shortest tokenization of a text: its special tokens and one token.
+        self.shortest_input = self.num_special_tokens + 1
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = frozenset(tid for tid, token in added.items() if token.special)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -127,6 +135,7 @@ class TextTokenizer:
 
     def truncate_ids(self, ids: list[int], max_length: int, direction: str = "right") -> list[int]:
         """Cuts an own tokenization to `max_length` the way text truncation does: special tokens kept."""
+        check_direction(direction)
         if len(ids) <= max_length:
             return ids
         head, tail = len(self.prefix_ids), len(self.suffix_ids)
@@ -159,8 +168,7 @@ class TextTokenizer:
         The window grows (doubling) until it holds more than `budget` tokens that cannot differ from the
         whole text's, else the text is tokenised whole; either way the answer is exact.
         """
-        if direction not in ("right", "left"):
-            raise InvalidInput(f"truncation direction must be 'right' or 'left', not {direction!r}")
+        check_direction(direction)
         size = _first_window(budget)
         while size < len(text):
             start = 0 if direction == "right" else len(text) - size
@@ -259,10 +267,9 @@ class TextTokenizer:
         (keeping the special tokens, as transformers' truncation does), from a window of a long text
         (`full_lengths` None for those), and left whole otherwise (tokenised whole: unbounded work, so
         the engine always cuts and refuses what was cut when a request says `truncate: false`)."""
-        if direction not in ("right", "left"):
-            raise InvalidInput(f"truncation direction must be 'right' or 'left', not {direction!r}")
-        if max_length < self.num_special_tokens + 1:
-            raise InvalidInput(f"max_length must be at least {self.num_special_tokens + 1}")
+        check_direction(direction)
+        if max_length < self.shortest_input:
+            raise InvalidInput(f"max_length must be at least {self.shortest_input}")
         if not truncate:
             whole = [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=True)]
             return Tokenized(ids=whole, truncated=[False] * len(texts), full_lengths=[len(ids) for ids in whole])
