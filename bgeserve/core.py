@@ -1,4 +1,5 @@
-"""The words every layer speaks: what a caller asks for, what one input gives back, what a model can do.
+"""The words every layer speaks: what a caller asks for, what one input gives back, what a model can do,
+and how its replicas run.
 
 They sit below everything (api, engine, runtime and models all import them, and they import only
 `bgeserve.errors`), as text-embeddings-inference keeps its shared types in its `core` crate.
@@ -57,3 +58,33 @@ class Capabilities:
             raise ModelLacksOutput("sparse lexical weights", model, SPARSE_HEAD_FILE)
         if want.colbert and not self.colbert:
             raise ModelLacksOutput("ColBERT vectors", model, COLBERT_HEAD_FILE)
+
+
+# The runtimes a model can run on.
+BACKENDS = ("torch", "onnx")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Built once, from `bgeserve serve`'s flags (`ServeSettings.backend_options`) or `Embedder`'s
+    arguments, and given as it is to every replica: in this process, or in a Ray Serve or Ray Data actor.
+
+    `threads`: CPU threads of one replica (None: the cores split between the CPU replicas). torch's pool
+    is one per process, so its replicas share the setting (`runtime.factory.use_torch_threads`); each
+    onnxruntime session has its own.
+    """
+
+    backend: str = "torch"
+    dtype: str = "auto"
+    threads: int | None = None
+    compile: bool = False
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}: use {' or '.join(BACKENDS)}")
+        if self.backend == "onnx" and (self.compile or self.cuda_graphs):
+            flag = "compile" if self.compile else "cuda-graphs"
+            raise ValueError(f"--{flag} applies to the torch backend only")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, not {self.threads}")

@@ -11,12 +11,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bgeserve import scoring
-from bgeserve.core import ItemOutput, OutputRequest
+from bgeserve.core import BackendOptions, ItemOutput, OutputRequest
 from bgeserve.engine.batching import plan_batches
 from bgeserve.errors import InvalidInput
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime.devices import resolve_device
-from bgeserve.runtime.factory import create_backend
+from bgeserve.runtime.factory import create_backend, use_torch_threads
 from bgeserve.sparse import sparse_vector
 
 log = logging.getLogger(__name__)
@@ -78,16 +78,13 @@ class Embedder:
         if use_fp16 is not None and dtype == "auto":
             # FlagEmbedding runs fp32 on CPU whatever use_fp16 says.
             dtype = "fp16" if use_fp16 and self.device != "cpu" else "fp32"
-        # Each backend resolves "auto" itself (torch: runtime.devices.auto_dtype; onnx: fp32).
-        self.backend = create_backend(
-            self.checkpoint,
-            backend,
-            device=self.device,
-            dtype=dtype,
-            threads=threads,
-            compile=compile,
-            cuda_graphs=cuda_graphs,
+        options = BackendOptions(
+            backend=backend, dtype=dtype, threads=threads, compile=compile, cuda_graphs=cuda_graphs
         )
+        if backend == "torch":
+            use_torch_threads(threads)
+        # Each backend resolves "auto" itself (torch: runtime.devices.auto_dtype; onnx: fp32).
+        self.backend = create_backend(self.checkpoint, self.device, options)
         self.dtype = self.backend.dtype
         self.max_length = min(max_length or self.checkpoint.max_length, self.checkpoint.max_length)
         self.query_max_length = query_max_length or self.max_length

@@ -43,24 +43,15 @@ def serve(args: argparse.Namespace) -> int:
     # Heavy imports (torch) only once the flags are known to be good.
     from bgeserve.engine.engine import EmbeddingEngine
     from bgeserve.errors import BgeServeError
-    from bgeserve.models.checkpoint import load_checkpoint
-    from bgeserve.runtime.devices import resolve_devices
 
     try:
-        checkpoint = load_checkpoint(settings.model)
-        devices = resolve_devices(settings.devices)
-        engine = EmbeddingEngine.from_checkpoint(
-            checkpoint,
-            devices,
-            dtype=settings.dtype,
-            threads=settings.threads,
-            replicas_per_device=settings.replicas_per_device,
-            config=settings.engine_config(),
-            backend=settings.backend,
-            compile=settings.compile,
-            cuda_graphs=settings.cuda_graphs,
+        engine = EmbeddingEngine.load(
+            settings.model,
+            settings.devices,
+            settings.backend_options(),
+            settings.replicas_per_device,
+            settings.engine_config(),
         )
-        engine.warmup()
     except (BgeServeError, ValueError) as exc:
         print(f"bgeserve serve: error: {exc}", file=sys.stderr)
         return 1
@@ -68,7 +59,7 @@ def serve(args: argparse.Namespace) -> int:
     # What the service really runs with: the defaults that depend on the model and devices resolved.
     resolved = {
         "limit_concurrency": connection_limit,
-        "model": str(checkpoint.path),
+        "model": engine.model_path,
         "served_model_name": settings.served_model_name or engine.name,
         "devices": ",".join(engine.devices),
         "dtype": engine.dtype,

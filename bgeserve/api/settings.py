@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from bgeserve.core import BackendOptions
 from bgeserve.engine.engine import EngineConfig
 
 ENV_PREFIX = "BGESERVE_"
@@ -185,6 +186,13 @@ class ServeSettings:
             if raw is not None:
                 values[f.name] = _parse_env(f, raw)
         return cls(**values)
+
+    def backend_options(self) -> BackendOptions:
+        """How every replica runs (the part of the settings the backends need)."""
+        return BackendOptions(
+            backend=self.backend, dtype=self.dtype, threads=self.threads, compile=self.compile,
+            cuda_graphs=self.cuda_graphs,
+        )
 
     def engine_config(self) -> EngineConfig:
         """The part of the settings the engine needs."""

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
-from bgeserve.core import Capabilities, ItemOutput, OutputRequest
+from bgeserve.core import BackendOptions, Capabilities, ItemOutput, OutputRequest
 from bgeserve.engine.observer import EngineObserver, NullObserver
 from bgeserve.engine.queue import TokenBudgetBatcher, WorkItem
-from bgeserve.engine.replicas import ReplicaPool, build_backends
+from bgeserve.engine.replicas import ReplicaPool
 from bgeserve.engine.slots import InputSlots
 from bgeserve.errors import EmptyInput, InputTooLong, InvalidInput, RequestTimedOut, ShuttingDown
 from bgeserve.models.tokenizer import check_direction
@@ -123,20 +123,36 @@ class EmbeddingEngine:
         cls,
         checkpoint: Checkpoint,
         devices: Sequence[str],
-        dtype: str = "auto",
-        threads: int | None = None,
+        options: BackendOptions | None = None,
         replicas_per_device: int = 1,
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
-        backend: str = "torch",
-        compile: bool = False,
-        cuda_graphs: bool = False,
     ) -> EmbeddingEngine:
         """Loads the model replicas (one per GPU, `replicas_per_device` on CPU) and wires the engine."""
-        backends = build_backends(
-            checkpoint, devices, dtype, threads, replicas_per_device, backend, compile, cuda_graphs
-        )
+        from bgeserve.runtime.factory import create_backends  # torch only once replicas are built
+
+        backends = create_backends(checkpoint, devices, options or BackendOptions(), replicas_per_device)
         return cls(checkpoint, backends, config, observer)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | None,
+        devices: str,
+        options: BackendOptions | None = None,
+        replicas_per_device: int = 1,
+        config: EngineConfig | None = None,
+    ) -> EmbeddingEngine:
+        """`from_checkpoint` from a model path or hub id (None: the bundled model) and a device list
+        (`cpu`, `cuda:0,cuda:1`, `auto`), warmed up so a broken device fails before serving."""
+        from bgeserve.models.checkpoint import load_checkpoint
+        from bgeserve.runtime.devices import resolve_devices
+
+        engine = cls.from_checkpoint(
+            load_checkpoint(model), resolve_devices(devices), options, replicas_per_device, config
+        )
+        engine.warmup()
+        return engine
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -173,6 +189,11 @@ class EmbeddingEngine:
     def max_batch_tokens(self) -> int:
         """The token budget of one forward pass, resolved for the replicas' devices."""
         return self.config.max_batch_tokens or default_batch_tokens(self.replicas.backends)
+
+    @property
+    def model_path(self) -> str:
+        """The checkpoint directory the replicas were loaded from."""
+        return str(self.checkpoint.path)
 
     @property
     def pooling(self) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -17,44 +16,6 @@ from bgeserve.errors import NonFiniteOutput
 from bgeserve.runtime.backend import Backend
 
 log = logging.getLogger(__name__)
-
-
-def build_backends(
-    checkpoint,
-    devices: Sequence[str],
-    dtype: str = "auto",
-    threads: int | None = None,
-    replicas_per_device: int = 1,
-    backend: str = "torch",
-    compile: bool = False,
-    cuda_graphs: bool = False,
-) -> list[Backend]:
-    """Loads one backend (torch or onnx) per GPU, and `replicas_per_device` of them on the CPU.
-
-    On the CPU, `threads` is per replica; by default the cores are split evenly between replicas.
-    """
-    from bgeserve.runtime.factory import create_backend
-
-    backends: list[Backend] = []
-    for device in devices:
-        on_cpu = device == "cpu"
-        count = max(1, replicas_per_device) if on_cpu else 1
-        per_replica = threads
-        if on_cpu and not per_replica:
-            per_replica = max(1, (os.cpu_count() or 1) // count)
-        for _ in range(count):
-            backends.append(
-                create_backend(
-                    checkpoint,
-                    backend,
-                    device=device,
-                    dtype=dtype,
-                    threads=per_replica,
-                    compile=compile,
-                    cuda_graphs=cuda_graphs,
-                )
-            )
-    return backends
 
 
 class ReplicaPool:

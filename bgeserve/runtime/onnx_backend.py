@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from bgeserve.core import Capabilities, ItemOutput, OutputRequest
+from bgeserve.core import BackendOptions, Capabilities, ItemOutput, OutputRequest
 from bgeserve.errors import DeviceUnavailable
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.packed import PackedBatch
@@ -70,13 +70,15 @@ class OnnxBackend:
         self,
         checkpoint: Checkpoint,
         device: str = "cpu",
-        dtype: str = "fp32",
-        threads: int | None = None,
+        options: BackendOptions | None = None,
         cache_dir: Path | None = None,
     ) -> None:
+        """`options` default: fp32 on onnxruntime's own thread count."""
+        options = options or BackendOptions(backend="onnx", dtype="fp32")
+        threads = options.threads
         ort = _import_onnxruntime()
         self.device = _onnx_device(device)
-        self.dtype = resolve_onnx_dtype(dtype, self.device)
+        self.dtype = resolve_onnx_dtype(options.dtype, self.device)
         self.checkpoint = checkpoint
         self.hidden_size = checkpoint.hidden_size
         self.capabilities: Capabilities = checkpoint.capabilities

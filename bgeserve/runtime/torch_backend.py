@@ -7,7 +7,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from bgeserve.core import Capabilities, ItemOutput, OutputRequest
+from bgeserve.core import BackendOptions, Capabilities, ItemOutput, OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
@@ -28,19 +28,12 @@ CALIBRATION_TEXTS = 16
 class TorchBackend:
     """One model replica on one device (implements runtime.backend.Backend)."""
 
-    def __init__(
-        self,
-        checkpoint: Checkpoint,
-        device: str = "cpu",
-        dtype: str = "fp32",
-        threads: int | None = None,
-        compile: bool = False,
-        cuda_graphs: bool = False,
-    ) -> None:
+    def __init__(self, checkpoint: Checkpoint, device: str = "cpu", options: BackendOptions | None = None) -> None:
+        """`options` default: exact fp32, eager. Threads are set per process (runtime.factory), not here."""
+        options = options or BackendOptions(dtype="fp32")
+        compile, cuda_graphs = options.compile, options.cuda_graphs
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        if threads:
-            torch.set_num_threads(threads)
+        self.dtype = resolve_dtype(options.dtype, self.device)
         self.checkpoint = checkpoint
         self.hidden_size = checkpoint.hidden_size
         self.capabilities: Capabilities = checkpoint.capabilities

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bgeserve import Embedder
-from bgeserve.core import OutputRequest
+from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime.torch_backend import TorchBackend
@@ -34,7 +34,7 @@ ODD = [
 def m3(m3_checkpoint):
     ckpt = load_checkpoint(str(m3_checkpoint))
     ids = ckpt.tokenizer.encode(ODD, max_length=ckpt.max_length).ids
-    exact = TorchBackend(ckpt, device="cpu", dtype="fp32").run(ids, OutputRequest(sparse=True, colbert=True))
+    exact = TorchBackend(ckpt, "cpu", BackendOptions(dtype="fp32")).run(ids, OutputRequest(sparse=True, colbert=True))
     return ckpt, ids, exact
 
 
@@ -44,7 +44,7 @@ def test_cuda_matches_cpu_fp32_without_nan(m3, dtype):
     bf16's error (bf16 rounding emulated on the CPU gives 0.99989 here, real MiniLM 0.99995), so the issue's
     0.9999 bar for half precision is asserted on real weights, below."""
     ckpt, ids, exact = m3
-    out = TorchBackend(ckpt, device="cuda:0", dtype=dtype).run(ids, OutputRequest(sparse=True, colbert=True))
+    out = TorchBackend(ckpt, "cuda:0", BackendOptions(dtype=dtype)).run(ids, OutputRequest(sparse=True, colbert=True))
     floor = {"fp32": 0.99999, "fp16": 0.9999, "bf16": 0.999}[dtype]
     for a, b in zip(exact, out, strict=True):
         assert np.isfinite(b.dense).all() and np.isfinite(b.colbert).all()
@@ -67,7 +67,7 @@ def real_weights():
         pytest.skip("no real-weight model: set BGESERVE_GPU_TEST_MODEL (scripts/gpu_wheels.sh makes one)")
     ckpt = load_checkpoint(path)
     ids = ckpt.tokenizer.encode(CORPUS + ODD, max_length=ckpt.max_length).ids
-    exact = TorchBackend(ckpt, device="cpu", dtype="fp32").run(ids, OutputRequest())
+    exact = TorchBackend(ckpt, "cpu", BackendOptions(dtype="fp32")).run(ids, OutputRequest())
     return ckpt, ids, np.stack([item.dense for item in exact])
 
 
@@ -76,7 +76,8 @@ def test_half_precision_keeps_the_bar_on_real_weights(real_weights, dtype):
     """The GPU bar: fp16/bf16 dense vectors within cosine 0.9999 of fp32, no NaN (CPU emulation of the
     same rounding: fp16 0.999999, bf16 0.99995 min over these texts)."""
     ckpt, ids, exact = real_weights
-    got = np.stack([item.dense for item in TorchBackend(ckpt, device="cuda:0", dtype=dtype).run(ids, OutputRequest())])
+    backend = TorchBackend(ckpt, "cuda:0", BackendOptions(dtype=dtype))
+    got = np.stack([item.dense for item in backend.run(ids, OutputRequest())])
     assert np.isfinite(got).all()
     assert (got * exact).sum(1).min() >= 0.9999
 
@@ -96,7 +97,7 @@ def test_replicas_on_every_visible_gpu(m3_checkpoint):
     devices = resolve_devices("auto")
     assert devices == [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     ckpt = load_checkpoint(str(m3_checkpoint))
-    engine = EmbeddingEngine.from_checkpoint(ckpt, devices, dtype="fp16")
+    engine = EmbeddingEngine.from_checkpoint(ckpt, devices, BackendOptions(dtype="fp16"))
     assert engine.devices and all(d.startswith("cuda") for d in engine.devices)
     reference = Embedder(str(m3_checkpoint), device="cpu", dtype="fp32")
     texts = [f"text number {i} " * (1 + i % 7) for i in range(64)]
@@ -147,8 +148,8 @@ def test_card_product_rate_for_the_matmul_use_column(dtype: str) -> None:
 def test_cuda_graph_replays_equal_eager(m3_checkpoint, dtype: str) -> None:
     """Small batches replay captured graphs (padded buckets); bigger ones run packed. Both equal eager."""
     ckpt = load_checkpoint(str(m3_checkpoint))
-    eager = TorchBackend(ckpt, device="cuda:0", dtype=dtype)
-    graphed = TorchBackend(ckpt, device="cuda:0", dtype=dtype, cuda_graphs=True)
+    eager = TorchBackend(ckpt, "cuda:0", BackendOptions(dtype=dtype))
+    graphed = TorchBackend(ckpt, "cuda:0", BackendOptions(dtype=dtype, cuda_graphs=True))
     want = OutputRequest(sparse=True, colbert=True)
     texts = ["q", "a short query", "a text of a few more words than that one " * 3, "x " * 200]
     batches = [texts[:1], texts[:3], texts[:2] * 4, texts[:3] * 3, texts]  # 1, 3, 8, 9 texts; the last > 128 tokens

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bgeserve.api.settings import ServeSettings
-from bgeserve.core import OutputRequest
+from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime.cuda_graphs import GRAPH_BATCHES, GRAPH_LENGTHS, GraphedForward, graph_shape
 from bgeserve.runtime.factory import create_backend
@@ -33,7 +33,7 @@ def test_off_cuda_the_option_is_ignored_and_says_so(m3_checkpoint, caplog):
     ckpt = load_checkpoint(str(m3_checkpoint))
     ids = ckpt.tokenizer.encode(["a short text", "another one, a little longer"], max_length=64).ids
     with caplog.at_level(logging.INFO, logger="bgeserve.runtime.torch_backend"):
-        graphed = TorchBackend(ckpt, cuda_graphs=True)
+        graphed = TorchBackend(ckpt, options=BackendOptions(dtype="fp32", cuda_graphs=True))
     assert "CUDA graphs apply to CUDA devices only: not used on cpu" in caplog.text
     plain = TorchBackend(ckpt)
     for a, b in zip(graphed.run(ids, OutputRequest()), plain.run(ids, OutputRequest()), strict=True):
@@ -42,7 +42,7 @@ def test_off_cuda_the_option_is_ignored_and_says_so(m3_checkpoint, caplog):
 
 def test_onnx_backend_refuses_cuda_graphs(m3_checkpoint):
     with pytest.raises(ValueError, match="--cuda-graphs applies to the torch backend only"):
-        create_backend(load_checkpoint(str(m3_checkpoint)), "onnx", cuda_graphs=True)
+        create_backend(load_checkpoint(str(m3_checkpoint)), "cpu", BackendOptions(backend="onnx", cuda_graphs=True))
 
 
 def test_serve_flag_and_environment():

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from bgeserve.core import OutputRequest
+from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.errors import DeviceUnavailable, ModelLacksOutput
 from bgeserve.models.checkpoint import load_checkpoint
@@ -86,7 +86,7 @@ def test_fp32_matches_torch_on_m3(m3_checkpoint, onnx_cache, normalize):
 def test_fp32_matches_torch_on_minilm(minilm_path, onnx_cache):
     ckpt = load_checkpoint(str(minilm_path))
     batch = ckpt.tokenizer.encode(sample_texts()[:24] + TEXTS, max_length=ckpt.max_length).ids
-    onnx_backend = OnnxBackend(ckpt, cache_dir=onnx_cache, threads=2)
+    onnx_backend = OnnxBackend(ckpt, options=BackendOptions(backend="onnx", threads=2), cache_dir=onnx_cache)
     assert onnx_backend.hidden_size == 384 and onnx_backend.dtype == "fp32"
     _assert_same(onnx_backend.run(batch, DENSE_ONLY), TorchBackend(ckpt).run(batch, DENSE_ONLY))
     raw = OutputRequest(normalize_dense=False)
@@ -125,7 +125,7 @@ def test_model_without_heads_says_so(minilm_path, onnx_cache):
 def test_factory_builds_onnx_backend(m3_checkpoint, onnx_cache, monkeypatch):
     monkeypatch.setattr(exports, "default_cache_dir", lambda: onnx_cache)
     monkeypatch.setattr(exports, "_writable_dir", lambda path: False)
-    backend = create_backend(load_checkpoint(str(m3_checkpoint)), backend="onnx", device="cpu", dtype="fp32")
+    backend = create_backend(load_checkpoint(str(m3_checkpoint)), "cpu", BackendOptions(backend="onnx", dtype="fp32"))
     assert isinstance(backend, OnnxBackend)
     assert backend.run([[0, 5, 6, 2]], ALL)[0].colbert.shape == (3, 32)
 
@@ -137,7 +137,7 @@ def test_int8_runs_every_output_on_m3(m3_checkpoint, onnx_cache, int8_weights):
     for signed in (False, True):
         path = exports.ensure_onnx_model(ckpt, "int8", onnx_cache, signed_weights=signed)
         assert path.parent.name.endswith("int8s8" if signed else "int8u8")
-    backend = OnnxBackend(ckpt, dtype="int8", cache_dir=onnx_cache)
+    backend = OnnxBackend(ckpt, options=BackendOptions(backend="onnx", dtype="int8"), cache_dir=onnx_cache)
     assert backend.dtype == "int8" and _int8_export_encoding(backend.model_path) == int8_weights
     out = backend.run(batch, ALL)
     for a, b in zip(out, reference, strict=True):
@@ -155,7 +155,7 @@ def test_int8_keeps_top_sparse_tokens(m3_checkpoint, onnx_cache, int8_weights):
     ids = ckpt.tokenizer.encode(sample_texts()[:64], max_length=128).ids
     want = OutputRequest(dense=False, sparse=True)
     exact = OnnxBackend(ckpt, cache_dir=onnx_cache).run(ids, want)
-    int8 = OnnxBackend(ckpt, dtype="int8", cache_dir=onnx_cache)
+    int8 = OnnxBackend(ckpt, options=BackendOptions(backend="onnx", dtype="int8"), cache_dir=onnx_cache)
     assert _int8_export_encoding(int8.model_path) == int8_weights
     quantized = int8.run(ids, want)
 
@@ -209,7 +209,8 @@ def test_int8_keeps_minilm_dense_fidelity(minilm_path, onnx_cache, int8_weights)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     vectors = {}
     for dtype in ("fp32", "int8"):
-        backend = OnnxBackend(ckpt, dtype=dtype, cache_dir=onnx_cache, threads=2)
+        options = BackendOptions(backend="onnx", dtype=dtype, threads=2)
+        backend = OnnxBackend(ckpt, options=options, cache_dir=onnx_cache)
         assert dtype == "fp32" or _int8_export_encoding(backend.model_path) == int8_weights
         out = np.zeros((len(ids), ckpt.hidden_size), np.float32)
         for start in range(0, len(order), 32):
@@ -257,9 +258,8 @@ def test_int8_weight_encoding_follows_the_cpu_class(m3_checkpoint, onnx_cache, c
     ckpt = load_checkpoint(str(m3_checkpoint))
     assert _int8_export_encoding(exports.ensure_onnx_model(ckpt, "int8", onnx_cache)) == cpu_class.int8_weights
     assert _int8_export_encoding(exports.ensure_onnx_model(ckpt, "int8", onnx_cache, signed_weights=False)) == "u8"
-    assert _int8_export_encoding(OnnxBackend(ckpt, dtype="int8", cache_dir=onnx_cache).model_path) == (
-        cpu_class.int8_weights
-    )
+    backend = OnnxBackend(ckpt, options=BackendOptions(backend="onnx", dtype="int8"), cache_dir=onnx_cache)
+    assert _int8_export_encoding(backend.model_path) == cpu_class.int8_weights
 
 
 def test_second_load_reuses_the_cached_export(m3_checkpoint, tmp_path, monkeypatch):
@@ -320,4 +320,4 @@ def test_cuda_without_the_gpu_package_is_a_clear_error(m3_checkpoint):
 @pytest.mark.parametrize(("dtype", "message"), [("bf16", "backend torch"), ("fp16", "backend torch"), ("int4", "")])
 def test_unsupported_dtype_is_rejected(m3_checkpoint, dtype, message):
     with pytest.raises(ValueError, match=f"onnx backend runs fp32 or int8.*{message}"):
-        OnnxBackend(load_checkpoint(str(m3_checkpoint)), dtype=dtype)
+        OnnxBackend(load_checkpoint(str(m3_checkpoint)), options=BackendOptions(backend="onnx", dtype=dtype))

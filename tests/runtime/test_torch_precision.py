@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bgeserve.core import OutputRequest
+from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime.cpu_features import cpu_has_native_bf16, matmul_rate
@@ -39,7 +39,7 @@ def minilm_corpus(minilm_path):
 
 def test_int8_keeps_neighbours_on_real_minilm(minilm_corpus):
     ckpt, ids, exact = minilm_corpus
-    quantized, _ = _dense(TorchBackend(ckpt, dtype="int8"), ids)
+    quantized, _ = _dense(TorchBackend(ckpt, options=BackendOptions(dtype="int8")), ids)
     cosine = (quantized * exact).sum(1)
     # Measured 0.9947 min / 0.946 overlap (0.987 / 0.93 with rows scaled symmetrically); naive per-tensor
     # dynamic int8 gives 0.76 / 0.69 here.
@@ -52,7 +52,7 @@ def test_int8_keeps_top_sparse_tokens(m3_checkpoint):
     ids = ckpt.tokenizer.encode(CORPUS[:64], max_length=128).ids
     want = OutputRequest(sparse=True)
     _, exact = _dense(TorchBackend(ckpt), ids, want)
-    _, quantized = _dense(TorchBackend(ckpt, dtype="int8"), ids, want)
+    _, quantized = _dense(TorchBackend(ckpt, options=BackendOptions(dtype="int8")), ids, want)
 
     def top(d):
         return set(sorted(d, key=d.get, reverse=True)[:10])
@@ -70,7 +70,7 @@ def test_bf16_is_close_and_finite(minilm_corpus, simulate_cpu, onednn):
     if onednn != "this CPU's":
         simulate_cpu("epyc-avx2")
     ckpt, ids, exact = minilm_corpus
-    half, _ = _dense(TorchBackend(ckpt, dtype="bf16"), ids)
+    half, _ = _dense(TorchBackend(ckpt, options=BackendOptions(dtype="bf16")), ids)
     assert np.isfinite(half).all()
     assert (half * exact).sum(1).min() >= 0.9999
 
@@ -80,7 +80,7 @@ def test_compiled_equals_eager(m3_checkpoint):
     ids = ckpt.tokenizer.encode(CORPUS[:12], max_length=64).ids
     want = OutputRequest(sparse=True, colbert=True)
     eager = TorchBackend(ckpt).run(ids, want)
-    compiled = TorchBackend(ckpt, compile=True).run(ids, want)
+    compiled = TorchBackend(ckpt, options=BackendOptions(dtype="fp32", compile=True)).run(ids, want)
     for a, b in zip(eager, compiled, strict=True):
         assert np.abs(a.dense - b.dense).max() <= 1e-5
         assert np.abs(a.colbert - b.colbert).max() <= 1e-5
@@ -146,7 +146,7 @@ def test_matmul_rate_measures_bf16_where_onednn_cannot_pack_it(simulate_cpu):
 def test_auto_dtype_says_what_it_chose_and_why(m3_checkpoint, caplog, cpu_class):
     ckpt = load_checkpoint(str(m3_checkpoint))
     with caplog.at_level("INFO", logger="bgeserve.runtime.devices"):
-        backend = TorchBackend(ckpt, dtype="auto")
+        backend = TorchBackend(ckpt, options=BackendOptions(dtype="auto"))
     assert backend.dtype == cpu_class.auto_dtype
     assert np.isfinite(backend.run([[0, 5, 6, 2]], OutputRequest())[0].dense).all()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtype auto -> ")]
