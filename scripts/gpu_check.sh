@@ -147,7 +147,7 @@ fi
 if [ -f "$CKPT/config.json" ]; then
     SUMMARY+=("checkpoint|reused|0|$CKPT")
 else
-    step checkpoint 90 "$OUT/checkpoint.log" "$PY" -m bgeserve.models.synthetic "$CKPT" --size full
+    step checkpoint 90 "$OUT/checkpoint.log" "$PY" -m bgeserve.testing.synthetic "$CKPT" --size full
 fi
 
 # 5. The model on the GPU: loads, embeds one text, finite and unit-length outputs.

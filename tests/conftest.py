@@ -21,7 +21,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def m3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random bge-m3 checkpoint (hidden 32, 2 layers), `pytorch_model.bin` as upstream."""
-    from bgeserve.models.synthetic import write_m3_checkpoint
+    from bgeserve.testing.synthetic import write_m3_checkpoint
 
     return write_m3_checkpoint(tmp_path_factory.mktemp("m3-tiny-bin"))
 
@@ -29,7 +29,7 @@ def m3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def m3_checkpoint_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same weights as `m3_checkpoint` (same seed), stored as `model.safetensors`."""
-    from bgeserve.models.synthetic import write_m3_checkpoint
+    from bgeserve.testing.synthetic import write_m3_checkpoint
 
     return write_m3_checkpoint(tmp_path_factory.mktemp("m3-tiny-safetensors"), weights="safetensors")
 
@@ -37,7 +37,7 @@ def m3_checkpoint_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def m3_checkpoint_prefixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same weights as `m3_checkpoint`, every encoder key written as `roberta.<name>`."""
-    from bgeserve.models.synthetic import write_m3_checkpoint
+    from bgeserve.testing.synthetic import write_m3_checkpoint
 
     return write_m3_checkpoint(tmp_path_factory.mktemp("m3-tiny-prefixed"), key_prefix="roberta.")
 

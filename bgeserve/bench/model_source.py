@@ -26,7 +26,7 @@ def default_cache_dir(environ: dict[str, str] | None = None) -> Path:
 
 def _generator_digest() -> str:
     """Hash of what decides the generated files: the generator's code and the tokenizer's corpus."""
-    from bgeserve.models import synthetic
+    from bgeserve.testing import synthetic
 
     digest = hashlib.sha256(Path(synthetic.__file__).read_bytes())
     digest.update(resources.files("bgeserve").joinpath("data", "mixed.txt").read_bytes())
@@ -39,7 +39,7 @@ def synthetic_checkpoint(size: str, cache_dir: Path, seed: int = 0, log=lambda _
     Written to a temporary sibling and renamed, so an interrupted run never leaves a half checkpoint
     that a later run would trust. Older generations of the same size are removed (2.3 GB each at full).
     """
-    from bgeserve.models.synthetic import SIZES, write_m3_checkpoint
+    from bgeserve.testing.synthetic import SIZES, write_m3_checkpoint
 
     if size not in SIZES:
         raise ValueError(f"unknown synthetic size {size!r}; choose one of {sorted(SIZES)}")

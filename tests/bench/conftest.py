@@ -27,7 +27,7 @@ def tiny_m3(request, tmp_path_factory) -> Path:
     try:
         return Path(request.getfixturevalue("m3_checkpoint"))
     except pytest.FixtureLookupError:
-        from bgeserve.models.synthetic import write_m3_checkpoint
+        from bgeserve.testing.synthetic import write_m3_checkpoint
 
         return write_m3_checkpoint(tmp_path_factory.mktemp("bench-m3") / "tiny", size="tiny")
 

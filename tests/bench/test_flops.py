@@ -13,7 +13,7 @@ from bgeserve.bench.job import JobOutcome
 from bgeserve.bench.measure import Measurement
 from bgeserve.bench.offline import Corpus, _row
 from bgeserve.models.config import EncoderConfig
-from bgeserve.models.synthetic import SIZES, _model_config
+from bgeserve.testing.synthetic import SIZES, _model_config
 
 
 def _config(size: str, folder: Path) -> EncoderConfig:

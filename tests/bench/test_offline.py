@@ -193,7 +193,7 @@ def test_fidelity_and_corpus_helpers():
 @pytest.fixture(scope="module")
 def wide_m3(tmp_path_factory):
     """bge-m3's width (hidden 1024) with one layer: the smallest checkpoint bge-m3-lite accepts."""
-    from bgeserve.models.synthetic import write_m3_checkpoint
+    from bgeserve.testing.synthetic import write_m3_checkpoint
 
     return write_m3_checkpoint(tmp_path_factory.mktemp("bench-wide") / "wide", size="wide")
 

@@ -6,7 +6,7 @@ the same loaders that read the real model, ours and the FlagEmbedding / transfor
 The weights are random but seeded; the tokenizer is trained on `bgeserve/data/mixed.txt`, a small
 multilingual corpus, so texts split into real sub-word pieces.
 
-    python -m bgeserve.models.synthetic OUT_DIR [--size tiny|wide|full] [--weights bin|safetensors]
+    python -m bgeserve.testing.synthetic OUT_DIR [--size tiny|wide|full] [--weights bin|safetensors]
 """
 
 from __future__ import annotations
@@ -428,9 +428,9 @@ def _write_sentence_transformers_files(out: Path, hidden: int) -> None:
 # --- command line -----------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bgeserve.models.synthetic OUT_DIR [--size full] [--weights safetensors]`."""
+    """`python -m bgeserve.testing.synthetic OUT_DIR [--size full] [--weights safetensors]`."""
     parser = argparse.ArgumentParser(
-        prog="python -m bgeserve.models.synthetic",
+        prog="python -m bgeserve.testing.synthetic",
         description="Write a random checkpoint with BAAI/bge-m3's file layout (for tests and benchmarks).",
     )
     parser.add_argument("out_dir", type=Path, help="directory to write (created if missing)")

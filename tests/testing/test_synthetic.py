@@ -12,8 +12,8 @@ import torch
 from tokenizers import Tokenizer
 
 from bgeserve.data import sample_texts
-from bgeserve.models import synthetic
-from bgeserve.models.synthetic import main, write_m3_checkpoint
+from bgeserve.testing import synthetic
+from bgeserve.testing.synthetic import main, write_m3_checkpoint
 
 UPSTREAM_FILES = {
     "config.json",

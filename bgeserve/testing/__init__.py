@@ -1,0 +1,1 @@
+"""Tools for tests and benchmarks: random checkpoints with a real model's file layout (no real weights)."""
