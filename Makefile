@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed
-	$(PIP) -e ".[dev,onnx]"
+	$(PIP) -e ".[dev,onnx,ray]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--chunk", type=int, default=4096, help="texts read and written per step (default 4096)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    from bgeserve.ray.commands import add_encode_arguments  # --ray, --input GLOB, --output DIR, ...
+
+    add_encode_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -81,6 +84,10 @@ def _chunks(records: Iterator[tuple[int, dict]], size: int) -> Iterator[list[dic
 
 def run(args: argparse.Namespace) -> int:
     """Encodes the input; returns 0, or 1 with a one-line message on any error."""
+    if args.ray:
+        from bgeserve.ray.commands import encode_on_ray
+
+        return encode_on_ray(args)
     try:
         return _run(args)
     except (BgeServeError, ValueError, OSError) as exc:

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "DEVICE (the old service's variable) sets --devices when BGESERVE_DEVICES is unset.",
     )
     ServeSettings.add_arguments(parser)
+    from bgeserve.ray.commands import add_serve_arguments  # --ray, --ray-address, ... (no Ray import)
+
+    add_serve_arguments(parser)
     parser.set_defaults(func=serve)
 
 
@@ -39,6 +42,10 @@ def serve(args: argparse.Namespace) -> int:
         print(f"bgeserve serve: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_json, settings.log_level)
+    if args.ray:
+        from bgeserve.ray.commands import serve_on_ray
+
+        return serve_on_ray(settings, args)
 
     # Heavy imports (torch) only once the flags are known to be good.
     from bgeserve.engine.engine import EmbeddingEngine
