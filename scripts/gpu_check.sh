@@ -121,7 +121,7 @@ if [ -z "${BGESERVE_GPU_TEST_MODEL:-}" ] && [ -f "$WHEELS/minilm-fp16/config.jso
 fi
 # Run from the source tree so no install of bgeserve itself is needed.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-BG=("$PY" -m bgeserve.cli)
+BG=("$PY" -m bgeserve)
 
 # 2. doctor --json: printed, and kept.
 LAST_RC=0

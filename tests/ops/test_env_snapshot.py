@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bgeserve.cli.ops import register
 from bgeserve.ops import environment
-from bgeserve.ops.command import register
 from bgeserve.ops.environment import Package, Snapshot
 
 # `pip inspect` entries as pip writes them (trimmed to the fields we read).

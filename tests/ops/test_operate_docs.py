@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bgeserve.ops.command import register
+from bgeserve.cli.ops import register
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bgeserve.ops.command import register
+from bgeserve.cli.ops import register
 
 MACHINES = Path(__file__).parent / "machines"
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +149,7 @@ def test_env_with_a_missing_interpreter_is_a_clear_error(tmp_path: Path, capsys:
 
 def test_cli_module_import_does_not_import_torch() -> None:
     code = (
-        "import sys, bgeserve.ops.command, bgeserve.ops.doctor, bgeserve.ops.environment; "
+        "import sys, bgeserve.cli.ops, bgeserve.ops.doctor, bgeserve.ops.environment; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'onnxruntime' not in sys.modules"
     )

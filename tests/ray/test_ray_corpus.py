@@ -24,7 +24,7 @@ import ray
 from deadlines import deadline, wait_for
 from ray.cluster_utils import Cluster
 
-from bgeserve import encode_command
+from bgeserve.cli import encode as encode_command
 from bgeserve.data import sample_texts
 from bgeserve.ray import run_corpus_job
 from bgeserve.ray.commands import add_encode_arguments, encode_on_ray
@@ -165,7 +165,7 @@ def test_rerun_redoes_only_missing_outputs_and_drops_stale_parts(first_run, corp
 
 
 def encode_parser() -> argparse.ArgumentParser:
-    """`bgeserve encode`'s parser with the Ray flags, as bgeserve/encode_command.py adds them."""
+    """`bgeserve encode`'s parser with the Ray flags, as bgeserve/cli/encode.py adds them."""
     sub = argparse.ArgumentParser(prog="bgeserve").add_subparsers()
     encode_command.register(sub)
     parser = sub.choices["encode"]

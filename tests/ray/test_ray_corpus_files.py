@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bgeserve.encode_command import _records
+from bgeserve.cli.encode import _records
 from bgeserve.ray.corpus_files import (
     CorpusError,
     commit,

@@ -182,8 +182,8 @@ def test_readme_serve_run_lines_are_valid_builder_arguments():
 def _parse_bgeserve(line: str) -> argparse.Namespace:
     """A documented `bgeserve serve|encode --ray ...` line through the parsers, the Ray flags added as the
     CLI adds them."""
-    from bgeserve import encode_command
-    from bgeserve.api import command
+    from bgeserve.cli import encode as encode_command
+    from bgeserve.cli import serve as command
     from bgeserve.ray.commands import add_encode_arguments, add_serve_arguments
 
     sub = argparse.ArgumentParser(prog="bgeserve", exit_on_error=False).add_subparsers()

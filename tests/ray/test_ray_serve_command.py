@@ -12,10 +12,10 @@ from deadlines import wait_for
 
 from tests.api.conftest import free_port
 
-# What `bgeserve serve` runs once `--ray` is wired into bgeserve/api/command.py (see the README).
+# What `bgeserve serve` runs once `--ray` is wired into bgeserve/cli/serve.py (see the README).
 SERVE = textwrap.dedent("""
     import argparse, os, sys
-    from bgeserve.api import command
+    from bgeserve.cli import serve as command
     from bgeserve.api.logs import configure_logging
     from bgeserve.api.settings import ServeSettings
     from bgeserve.ray.commands import add_serve_arguments, serve_on_ray

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from bgeserve import __version__
-from bgeserve.api.command import register as register_serve
-from bgeserve.bench.command import register as register_bench
-from bgeserve.encode_command import register as register_encode
-from bgeserve.ops.command import register as register_ops
+from bgeserve.cli.bench import register as register_bench
+from bgeserve.cli.encode import register as register_encode
+from bgeserve.cli.ops import register as register_ops
+from bgeserve.cli.serve import register as register_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
