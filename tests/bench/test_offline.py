@@ -90,9 +90,15 @@ def test_json_shape_ratios_and_fidelity(inline_run, tiny_m3):
         assert len(row["corpus_seconds"]) == 2
         assert row["wall_seconds"] >= row["load_seconds"] + sum(row["corpus_seconds"])
         assert row["peak_memory_mb"] is not None and row["memory_kind"] == "rss"
-        # Every row's model rate; the share of the device's product rate only where one was timed (CUDA).
+        # Every row's model rate; the share of a product rate only where one was timed: our torch rows in a
+        # floating-point precision (CUDA and CPU), never int8 or a peer.
         assert row["model_tflops"] == pytest.approx(row["tokens_per_s"] * flops / 1e12)
-        assert row["matmul_use"] is None and row["device_matmul_tflops"] is None
+        if name in ("cpu-fp32-t1", "cpu-fp32"):
+            assert row["device_matmul_tflops"] > 0
+            assert row["matmul_use"] == pytest.approx(row["model_tflops"] / row["device_matmul_tflops"])
+            assert any("2048x1024x4096 product here" in note for note in row["notes"])
+        else:
+            assert row["matmul_use"] is None and row["device_matmul_tflops"] is None
     assert doc["fidelity_reference"] == "cpu-fp32-t1"
     assert base["fidelity"]["min_cosine"] == pytest.approx(1.0) and base["fidelity"]["max_abs_diff"] == 0.0
     # Exact peers agree with our fp32 to float rounding; int8 is close but not exact.
