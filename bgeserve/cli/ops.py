@@ -97,7 +97,9 @@ def run_doctor(args: argparse.Namespace) -> int:
             return _error("--model loads the model on this machine; it cannot be combined with --facts")
         # DEVICE may be the service's comma list; one device is enough to load the model on.
         device = args.device or (facts.device_env or "auto").split(",")[0].strip() or "auto"
-        checks.append(doctor.check_model(args.model, device, args.dtype))
+        from bgeserve.ops.model_check import check_model
+
+        checks.append(check_model(args.model, device, args.dtype))
     if args.json:
         print(doctor.render_json(checks, facts))
     else:

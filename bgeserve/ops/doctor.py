@@ -8,17 +8,16 @@ which driver a CUDA runtime needs, and which CUDA / torch builds ship kernels fo
 from __future__ import annotations
 
 import json
-import math
 import re
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from bgeserve.ops.gpu_probe import GpuFacts, GpuInfo, auto_device_rule, requirement_name
+from bgeserve.ops.torch_index import PYTORCH_INDEX
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 _RANK = {OK: 0, WARN: 1, FAIL: 2}
-PYTORCH_INDEX = "https://download.pytorch.org/whl"
 MIN_PYTHON = (3, 11)
 
 
@@ -196,7 +195,7 @@ def recommend_torch(capabilities: list[tuple[int, int]], driver: str | None) -> 
     Picks the newest PyTorch CUDA flavour that every GPU supports and the driver fully runs; when the
     driver is too old for any, the oldest flavour that works with a driver upgrade.
     """
-    min_cuda = (0,)
+    min_cuda: tuple[int, ...] = (0,)
     max_cuda: tuple[int, ...] = (99,)
     min_torch = _BGESERVE_MIN_TORCH
     for cap in capabilities:
@@ -279,7 +278,7 @@ def check_torch(facts: GpuFacts) -> Check:
     if facts.cuda_available:
         return Check("torch", OK, f"{evidence}; CUDA initialised, {facts.torch_device_count} device(s)")
     if gpus:
-        reason = _short(facts.cuda_error or "torch.cuda.is_available() is False", 160)
+        reason = short_text(facts.cuda_error or "torch.cuda.is_available() is False", 160)
         return Check(
             "torch",
             FAIL,
@@ -337,8 +336,10 @@ def check_dependencies(facts: GpuFacts) -> Check:
         return Check("dependencies", WARN, "bgeserve's requirements could not be read", "pip install -e .")
     try:
         from packaging.requirements import Requirement
+
+        parse: Callable[[str], Any] | None = Requirement
     except ImportError:  # packaging is near-universal but not a declared dependency
-        Requirement = None  # noqa: N806
+        parse = None
     problems: list[str] = []
     optional_missing: list[str] = []
     for requirement in facts.requirements:
@@ -347,10 +348,10 @@ def check_dependencies(facts: GpuFacts) -> Check:
         if installed is None:
             (optional_missing if name == BUNDLED_MODEL_PACKAGE else problems).append(f"{name} missing")
             continue
-        if Requirement is None:
+        if parse is None:
             continue
         try:
-            spec = Requirement(requirement).specifier
+            spec = parse(requirement).specifier
             # Local labels (+cu121) are build flavours, not versions: compare the public part.
             if not spec.contains(installed.split("+")[0], prereleases=True):
                 problems.append(f"{name} {installed} not in {spec}")
@@ -487,7 +488,7 @@ def _check_one_gpu(facts: GpuFacts, ordinal: int, gpu: GpuInfo) -> Check:
     evidence += f"; torch {facts.torch_version} ships {arch_range(facts.arch_list)}: {why}"
     kernel = facts.kernel_test.get(f"cuda:{ordinal}")
     if kernel and kernel != "ok":
-        evidence += f"; test op failed: {_short(kernel, 120)}"
+        evidence += f"; test op failed: {short_text(kernel, 120)}"
         status = FAIL
     elif kernel == "ok":
         evidence += "; test op ran"
@@ -561,66 +562,7 @@ def _ordinal(spec: str) -> int:
     return int(spec.split(":")[1]) if ":" in spec else 0
 
 
-def check_model(model: str | None, device: str, dtype: str = "auto", text: str = "What is BGE M3?") -> Check:
-    """Loads a model with `Embedder`, embeds one text, and checks the vector is finite and unit length.
-
-    Errors (a missing model, a GPU without kernels) become a failed check, never a traceback.
-    """
-    name = "model"
-    try:
-        import numpy as np
-
-        from bgeserve.embedder import Embedder
-    except ImportError as exc:
-        return Check(name, FAIL, f"cannot import the embedder: {exc}", "pip install -e .")
-    started = time.perf_counter()
-    try:
-        embedder = Embedder(model=model, device=device, dtype=dtype)
-        load_s = time.perf_counter() - started
-        caps = getattr(embedder.checkpoint, "capabilities", None)
-        # A bge-m3 checkpoint answers all three outputs from one pass: check them all.
-        want = {
-            "return_sparse": bool(getattr(caps, "sparse", False)),
-            "return_colbert_vecs": bool(getattr(caps, "colbert", False)),
-        }
-        embedder.encode([text], **want)  # the first call pays for lazy initialisation; time the second
-        started = time.perf_counter()
-        out = embedder.encode([text], **want)
-        query_ms = (time.perf_counter() - started) * 1000
-    except Exception as exc:  # noqa: BLE001 - any failure here is the verdict itself
-        return Check(
-            name,
-            FAIL,
-            f"{model or 'bundled MiniLM'} on {device}: {type(exc).__name__}: {_short(str(exc))}",
-            "fix the failing checks above first; DEVICE=cpu shows whether the model itself loads",
-        )
-    vector = np.asarray(out["dense_vecs"], dtype=np.float64).reshape(-1)
-    label = (
-        f"{getattr(embedder.checkpoint, 'name', model)} on {getattr(embedder, 'device', device)} "
-        f"({getattr(embedder, 'dtype', dtype)}): loaded in {load_s:.2f} s, one query {query_ms:.1f} ms, "
-        f"dim {vector.size}"
-    )
-    if vector.size == 0 or not np.all(np.isfinite(vector)):
-        bad = int(np.size(vector) - np.isfinite(vector).sum())
-        return Check(name, FAIL, f"{label}; {bad} non-finite values", "try dtype fp32 or bf16 (fp16 overflows)")
-    norm = float(np.linalg.norm(vector))
-    if not math.isclose(norm, 1.0, abs_tol=1e-2):
-        return Check(name, FAIL, f"{label}; norm {norm:.4f}, expected 1", "the checkpoint or pooling is wrong")
-    extra = []
-    if out.get("lexical_weights") is not None:
-        weights = np.asarray(list(out["lexical_weights"][0].values()), dtype=np.float64)
-        if not np.all(np.isfinite(weights)):
-            return Check(name, FAIL, f"{label}; non-finite sparse weights", "try dtype fp32 or bf16")
-        extra.append(f"sparse {weights.size} terms")
-    if out.get("colbert_vecs") is not None:
-        colbert = np.asarray(out["colbert_vecs"][0], dtype=np.float64)
-        if not np.all(np.isfinite(colbert)):
-            return Check(name, FAIL, f"{label}; non-finite ColBERT vectors", "try dtype fp32 or bf16")
-        extra.append(f"colbert {colbert.shape[0]} rows")
-    return Check(name, OK, f"{label}; finite, norm {norm:.4f}" + "".join(f", {e}" for e in extra))
-
-
-def _short(text: str, limit: int = 300) -> str:
+def short_text(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

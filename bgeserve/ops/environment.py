@@ -21,8 +21,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from bgeserve.errors import BgeServeError
+from bgeserve.ops.torch_index import PYTORCH_INDEX
 
-PYTORCH_INDEX = "https://download.pytorch.org/whl"
 # The PyTorch index names its flavours by the local label: +cu128, +cpu, +rocm6.3, +xpu.
 _TORCH_LABEL = re.compile(r"cu\d+|cpu|rocm[\d.]+|xpu")
 # Never uninstall the tool doing the restoring.
@@ -371,8 +371,8 @@ def diff(before: dict[str, Package], after: dict[str, Package]) -> list[Change]:
                 new.location,
             ):
                 changes.append(Change("changed", new.name, old, new))
-    order = {"upgraded": 0, "downgraded": 1, "changed": 2, "added": 3, "removed": 4}
-    return sorted(changes, key=lambda c: (order[c.kind], canonical_name(c.name)))
+    rank = {"upgraded": 0, "downgraded": 1, "changed": 2, "added": 3, "removed": 4}
+    return sorted(changes, key=lambda c: (rank[c.kind], canonical_name(c.name)))
 
 
 def render_diff(changes: list[Change]) -> str:

@@ -9,6 +9,7 @@ import pytest
 from bgeserve.ops import doctor
 from bgeserve.ops.doctor import FAIL, OK
 from bgeserve.ops.gpu_probe import probe
+from bgeserve.ops.model_check import check_model
 
 pytestmark = pytest.mark.gpu
 
@@ -27,6 +28,6 @@ def test_every_visible_gpu_runs_a_kernel_and_passes_the_doctor() -> None:
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_model_check_on_cuda(m3_checkpoint: Path, dtype: str) -> None:
-    check = doctor.check_model(str(m3_checkpoint), "cuda:0", dtype)
+    check = check_model(str(m3_checkpoint), "cuda:0", dtype)
     assert check.status == OK, check
     assert f"on cuda:0 ({dtype})" in check.evidence
