@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bgeserve"
 # The words every layer speaks (bgeserve.core, .errors, ...), importable from anywhere.
-BOTTOM = {"core", "errors", "sparse", "scoring", "data", ""}
+BOTTOM = {"core", "errors", "sparse", "scoring", "data", "cache_files", ""}
 LAYERS = {
     "api": {"engine"},
     "engine": {"runtime", "models"},

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+
+from bgeserve.cache_files import build_then_rename, remove_other_keys
 
 _COMPLETE = ".complete"
 
@@ -33,38 +35,29 @@ def _generator_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-def synthetic_checkpoint(size: str, cache_dir: Path, seed: int = 0, log=lambda _m: None) -> Path:
+def synthetic_checkpoint(
+    size: str, cache_dir: Path, seed: int = 0, log: Callable[[str], None] = lambda _m: None
+) -> Path:
     """The cached random bge-m3 of `size` ("tiny" or "full"), generated on first use.
 
-    Written to a temporary sibling and renamed, so an interrupted run never leaves a half checkpoint
-    that a later run would trust. Older generations of the same size are removed (2.3 GB each at full).
+    Built aside and renamed in, so an interrupted run never leaves a half checkpoint that a later run
+    would trust. Older generations of the same size are removed (2.3 GB each at full).
     """
     from bgeserve.testing.synthetic import SIZES, write_m3_checkpoint
 
     if size not in SIZES:
         raise ValueError(f"unknown synthetic size {size!r}; choose one of {sorted(SIZES)}")
-    root = Path(cache_dir) / "synthetic"
-    stem = f"bge-m3-{size}-seed{seed}-"
-    folder = root / f"{stem}{_generator_digest()}"
-    if (folder / _COMPLETE).exists():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{stem}*"):
-        if stale != folder and stale.is_dir():
-            log(f"removing an older generated checkpoint: {stale}")
-            shutil.rmtree(stale, ignore_errors=True)
-    partial = root / f".{folder.name}.partial-{os.getpid()}"
-    log(f"generating a random {size}-size bge-m3 checkpoint into {folder} (one time)")
-    try:
-        write_m3_checkpoint(partial, size=size, weights="bin", seed=seed)
-        (partial / _COMPLETE).write_text("written by bgeserve bench\n", encoding="utf-8")
-        if folder.exists():  # another run got there first: keep theirs
-            shutil.rmtree(partial, ignore_errors=True)
-        else:
-            partial.rename(folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    key = _generator_digest()
+    folder = Path(cache_dir) / "synthetic" / f"bge-m3-{size}-seed{seed}-{key}"
+    if not (folder / _COMPLETE).exists():
+        remove_other_keys(folder, key)  # before writing: two full checkpoints may not fit on the disk
+        log(f"generating a random {size}-size bge-m3 checkpoint into {folder} (one time)")
+
+        def write(staging: Path) -> None:
+            write_m3_checkpoint(staging, size=size, weights="bin", seed=seed)
+            (staging / _COMPLETE).write_text("written by bgeserve bench\n", encoding="utf-8")
+
+        build_then_rename(folder, write, _COMPLETE)
     return folder
 
 

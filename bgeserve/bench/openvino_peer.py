@@ -10,7 +10,7 @@ OVQuantizationConfig), calibrated on texts of the bundled corpus.
 from __future__ import annotations
 
 import importlib.metadata
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,14 @@ import numpy as np
 
 from bgeserve.bench.configs import BenchConfig
 from bgeserve.bench.runners import ConfigUnavailable, RunSettings, cls_normalized, export_folder, sorted_batches
+from bgeserve.cache_files import build_then_rename
 
 # OpenVINO's CPU plugin runs bf16 by default where the CPU has AMX or AVX512-BF16, so fp32 is asked for
 # explicitly. int8 keeps its non-quantised ops in f32 too, so the row measures int8 and nothing else.
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 CALIBRATION_TEXTS = 64  # spread over bgeserve/data/mixed.txt: every language of the bench's default corpus
 CALIBRATION_SOURCE = "bgeserve/data/mixed.txt"
+_COMPLETE = ".complete"
 
 
 class OpenVinoEncoder:
@@ -85,26 +87,24 @@ def exported_model(settings: RunSettings, quantized: bool) -> Path:
     versions = [torch.__version__, transformers.__version__, openvino.__version__, nncf.__version__,
                 importlib.metadata.version("optimum-intel")]
     folder = export_folder(settings, "openvino-peer", versions)
-    fp32_dir, int8_dir = folder / "fp32", folder / "int8"
-    if not (folder / "fp32.complete").exists():
-        _make(fp32_dir, lambda out: _export(Path(settings.model_path), out), "export")
-        (folder / "fp32.complete").touch()
+    fp32_dir = _make(folder / "fp32", lambda out: _export(Path(settings.model_path), out), "export")
     if not quantized:
         return fp32_dir
-    if not (folder / "int8.complete").exists():
-        _make(int8_dir, lambda out: _quantize(fp32_dir, out, settings), "int8 quantization")
-        (folder / "int8.complete").touch()
-    return int8_dir
+    return _make(folder / "int8", lambda out: _quantize(fp32_dir, out, settings), "int8 quantization")
 
 
-def _make(out_dir: Path, write: Any, what: str) -> None:
-    """Runs `write(out_dir)` on an empty folder; a failure of optimum-intel's tools skips the row."""
-    shutil.rmtree(out_dir, ignore_errors=True)  # what an interrupted run left
-    out_dir.mkdir(parents=True)
-    try:
-        write(out_dir)
-    except Exception as exc:  # noqa: BLE001 - the peer is optimum-intel's own path: if that fails, no row
-        raise ConfigUnavailable(f"optimum-intel {what} failed: {type(exc).__name__}: {exc}") from exc
+def _make(target: Path, write: Callable[[Path], None], what: str) -> Path:
+    """`target`, written once by `write` (built aside and renamed in); a failure of optimum-intel's tools
+    skips the row."""
+
+    def build(staging: Path) -> None:
+        try:
+            write(staging)
+        except Exception as exc:  # noqa: BLE001 - the peer is optimum-intel's own path: if that fails, no row
+            raise ConfigUnavailable(f"optimum-intel {what} failed: {type(exc).__name__}: {exc}") from exc
+        (staging / _COMPLETE).touch()
+
+    return build_then_rename(target, build, _COMPLETE)
 
 
 def _export(model_dir: Path, out_dir: Path) -> None:

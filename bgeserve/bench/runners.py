@@ -9,7 +9,6 @@ against what people run today.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,8 +20,12 @@ import numpy as np
 
 from bgeserve.bench.configs import BenchConfig
 from bgeserve.bench.measure import EncodeFn
+from bgeserve.cache_files import build_then_rename, stamp_key
 
 log = logging.getLogger(__name__)
+
+
+_PEER_FILE = "model.onnx"
 
 
 class ConfigUnavailable(Exception):
@@ -252,24 +255,21 @@ def _onnx_export(settings: RunSettings, quantized: bool) -> Path:
 
     model_dir = Path(settings.model_path)
     folder = export_folder(settings, "onnx-peer", [torch.__version__, transformers.__version__])
-    fp32_file, int8_file = folder / "model.onnx", folder / "model.int8.onnx"
-    if not (folder / "fp32.complete").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        _export_fp32(model_dir, fp32_file)
-        (folder / "fp32.complete").touch()
+    fp32_file = build_then_rename(folder / "fp32", lambda out: _export_fp32(model_dir, out / _PEER_FILE), _PEER_FILE)
+    fp32_file /= _PEER_FILE
     if not quantized:
         return fp32_file
-    if not (folder / "int8.complete").exists():
-        try:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+    return build_then_rename(folder / "int8", lambda out: _quantize_dynamic(fp32_file, out), _PEER_FILE) / _PEER_FILE
 
-            quantize_dynamic(str(fp32_file), str(int8_file), weight_type=QuantType.QInt8,
-                             use_external_data_format=True)
-        except Exception as exc:  # noqa: BLE001 - any failure of the peer's tool is a reason to skip it
-            reason = f"onnxruntime int8 quantization failed: {type(exc).__name__}: {exc}"
-            raise ConfigUnavailable(reason) from exc
-        (folder / "int8.complete").touch()
-    return int8_file
+
+def _quantize_dynamic(fp32_file: Path, out_dir: Path) -> None:
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(fp32_file), str(out_dir / _PEER_FILE), weight_type=QuantType.QInt8,
+                         use_external_data_format=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of the peer's tool is a reason to skip it
+        raise ConfigUnavailable(f"onnxruntime int8 quantization failed: {type(exc).__name__}: {exc}") from exc
 
 
 def export_folder(settings: RunSettings, exporter: str, versions: list[str]) -> Path:
@@ -277,9 +277,7 @@ def export_folder(settings: RunSettings, exporter: str, versions: list[str]) -> 
     exporting libraries' versions, so a changed checkpoint or library gets a fresh export."""
     model_dir = Path(settings.model_path)
     weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".bin", ".safetensors"))
-    key_parts = [str(model_dir.resolve()), *versions]
-    key_parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in weights]
-    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:16]
+    key = stamp_key(weights, [str(model_dir.resolve()), *versions], length=16)
     base = Path(settings.cache_dir) if settings.cache_dir else model_dir / ".bench-cache"
     return base / exporter / key
 

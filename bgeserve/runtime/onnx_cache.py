@@ -7,15 +7,14 @@ weights on every start), the exporter version, the torch version and the opset.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bgeserve.cache_files import build_then_rename, remove_other_keys, stamp_key
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.runtime import onnx_export
 from bgeserve.runtime.cpu_features import cpu_has_vnni
@@ -42,13 +41,7 @@ def _source_files(checkpoint: Checkpoint) -> list[Path]:
 
 def cache_key(checkpoint: Checkpoint) -> str:
     """Key of an export: source files' name + size + mtime, exporter and torch versions, opset."""
-    digest = hashlib.sha256()
-    for part in (EXPORTER_VERSION, torch.__version__, str(OPSET)):
-        digest.update(part.encode() + b"\0")
-    for file in _source_files(checkpoint):
-        stat = file.stat()
-        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
-    return digest.hexdigest()[:20]
+    return stamp_key(_source_files(checkpoint), (EXPORTER_VERSION, torch.__version__, str(OPSET)))
 
 
 def _writable_dir(path: Path) -> bool:
@@ -103,29 +96,9 @@ def ensure_onnx_model(
     return _publish(target, lambda tmp: quantize_int8(source, tmp / MODEL_FILE, signed_weights=signed), key)
 
 
-def _publish(target: Path, build, key: str) -> Path:  # noqa: ANN001 - a callable taking the staging dir
-    """Builds into a staging directory beside `target`, then renames it into place: readers never see a
-    half-written export, and when two replicas export at once the first rename wins. Exports of the same
-    model and dtype under another key (older weights, bgeserve or torch) are removed after: bge-m3's
-    are 2.3 GB each. A process still reading one keeps its open files until it exits."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(staging)
-        # mkdtemp makes the directory private; a shared cache must be readable by every user.
-        staging.chmod(0o755)
-        for file in staging.iterdir():
-            file.chmod(0o644)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / MODEL_FILE).is_file():
-                raise
-            log.info("another process exported %s first; using it", target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for stale in target.parent.glob(target.name.replace(key, "?" * len(key))):
-        if stale != target and stale.is_dir():
-            log.info("removing an older ONNX export: %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+def _publish(target: Path, build: Callable[[Path], object], key: str) -> Path:
+    """Builds the export aside and renames it in (readers never see half an export; when two replicas
+    export at once the first rename wins), then removes this model's exports under older keys."""
+    build_then_rename(target, build, MODEL_FILE)
+    remove_other_keys(target, key)
     return target / MODEL_FILE

@@ -8,7 +8,7 @@ from bgeserve.models.checkpoint import load_checkpoint
 
 def test_generated_once_then_reused(tmp_path):
     messages: list[str] = []
-    stale = tmp_path / "synthetic" / "bge-m3-tiny-seed0-oldversion"
+    stale = tmp_path / "synthetic" / "bge-m3-tiny-seed0-0123456789ab"  # another generator digest
     stale.mkdir(parents=True)
     first = synthetic_checkpoint("tiny", tmp_path, log=messages.append)
     assert (first / "config.json").exists() and (first / ".complete").exists()
@@ -18,7 +18,7 @@ def test_generated_once_then_reused(tmp_path):
     count = len(messages)
     assert synthetic_checkpoint("tiny", tmp_path, log=messages.append) == first
     assert (first / "pytorch_model.bin").stat().st_mtime_ns == stamp and len(messages) == count
-    assert not list((tmp_path / "synthetic").glob(".*partial*"))
+    assert not list((tmp_path / "synthetic").glob(".*")), "no staging directory is left behind"
 
 
 def test_default_cache_dir():

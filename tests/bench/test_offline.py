@@ -221,9 +221,10 @@ def test_onnx_peers_run_on_the_plain_export(wide_m3, corpus_file, capsys, tmp_pa
         assert rows[exact]["fidelity"]["max_abs_diff"] < 1e-4
     assert 0.9 < rows["bgelite-int8"]["fidelity"]["min_cosine"] < 1.0
     # One export serves both peers: bge-m3-lite's graph only renames the output and shares the weights.
-    exports = list((tmp_path / "cache" / "onnx-peer").glob("*/*.onnx"))
-    assert {p.name for p in exports} == {"model.onnx", "model.int8.onnx", "model.token-embeddings.onnx",
-                                         "model.int8.token-embeddings.onnx"}
+    exports = (tmp_path / "cache" / "onnx-peer").glob("*/*/*.onnx")
+    assert {p.relative_to(p.parents[1]).as_posix() for p in exports} == {
+        "fp32/model.onnx", "fp32/model.token-embeddings.onnx", "int8/model.onnx", "int8/model.token-embeddings.onnx"
+    }
 
 
 def test_bgelite_takes_only_bge_m3_width(tiny_m3, corpus_file, capsys, tmp_path):

@@ -1,0 +1,64 @@
+"""Derived files cached on disk (ONNX exports, generated checkpoints, the bench's peer exports).
+
+Two rules for all of them: a cache entry is keyed by its sources' name, size and mtime (hashing
+gigabytes of weights on every start would cost more than the check saves), and it is built in a
+staging directory beside its place and renamed in, so no reader ever sees a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def stamp_key(files: Iterable[Path], parts: Iterable[str] = (), length: int = 20) -> str:
+    """A hex key that changes when any of `parts` (versions, options) or any file's name, size or mtime does."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() + b"\0")
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:length]
+
+
+def build_then_rename(target: Path, build: Callable[[Path], object], done: str) -> Path:
+    """`target`, built by `build(staging_dir)` and renamed into place unless it is there already.
+
+    `done` names the file inside `target` that proves an entry complete. When two processes build at
+    once the first rename wins and the other's staging copy is dropped. A failed build leaves nothing.
+    """
+    if (target / done).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(staging)
+        # mkdtemp makes the directory private; a shared cache must be readable by every user.
+        staging.chmod(0o755)
+        for file in staging.rglob("*"):
+            file.chmod(0o755 if file.is_dir() else 0o644)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / done).exists():
+                raise
+            log.info("another process built %s first; using it", target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def remove_other_keys(target: Path, key: str) -> None:
+    """Removes the siblings of `target` whose names differ from it only in `key` (older builds of the same
+    entry: bge-m3's exports are 2.3 GB each). A process still reading one keeps its open files."""
+    for stale in target.parent.glob(target.name.replace(key, "?" * len(key))):
+        if stale != target and stale.is_dir():
+            log.info("removing an older cache entry: %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
