@@ -45,6 +45,17 @@ class ItemOutput:
 
 
 @dataclass(frozen=True)
+class SimpleToken:
+    """One token as /tokenize reports it (TEI's `SimpleToken`): offsets are None for special tokens."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What a loaded model can return."""
 

@@ -25,7 +25,6 @@ from bgeserve.api.schemas import (
     RerankRequest,
     SimilarityParameters,
     SimilarityRequest,
-    SimpleToken,
     SparseValue,
     SparseVector,
     TokenizeRequest,
@@ -33,7 +32,7 @@ from bgeserve.api.schemas import (
 )
 from bgeserve.api.scores import check_weights, dense_scores, hybrid_scores
 from bgeserve.api.state import ServiceDep
-from bgeserve.core import PRECISION_NAMES, OutputRequest
+from bgeserve.core import PRECISION_NAMES, OutputRequest, SimpleToken
 from bgeserve.errors import EmptyInput
 from bgeserve.sparse import sparse_vector, tei_sparse_values
 
@@ -198,13 +197,7 @@ async def tokenize(body: TokenizeRequest, request: Request, svc: ServiceDep) -> 
             direction=truncation_direction(body.truncation_direction),
         ),
     )
-    content = [
-        [
-            {"id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop}
-            for t in result.tokens
-        ]
-        for result in results
-    ]
+    content = [[vars(token) for token in result.tokens] for result in results]
     truncated = sum(result.truncated for result in results)
     return JSONResponse(content, headers={"x-truncated-inputs": str(truncated)})
 

@@ -275,14 +275,6 @@ class TokenizeRequest(_Body):
     prompt_name: PromptName = None
 
 
-class SimpleToken(BaseModel):
-    id: int
-    text: str
-    special: bool
-    start: int | None
-    stop: int | None
-
-
 class DecodeRequest(_Body):
     """`POST /decode`."""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer
 
+from bgeserve.core import SimpleToken
 from bgeserve.errors import InvalidCheckpoint, InvalidInput
 
 # First window per body token kept: ~4.5 characters make a token in English, ~1 in CJK; the window
@@ -38,22 +39,11 @@ class Tokenized:
 
 
 @dataclass(frozen=True)
-class TokenInfo:
-    """One token as TEI's /tokenize reports it."""
-
-    id: int
-    text: str
-    special: bool
-    start: int | None
-    stop: int | None
-
-
-@dataclass(frozen=True)
 class DetailedTokens:
     """/tokenize's answer for one text: its tokens, whether they were cut, the whole text's length
     (special tokens included; None when only known to be over the limit)."""
 
-    tokens: list[TokenInfo]
+    tokens: list[SimpleToken]
     truncated: bool
     full_length: int | None
 
@@ -320,7 +310,7 @@ class TextTokenizer:
             is_special = bool(special)
             start, stop = start + body.offset, stop + body.offset
             out.append(
-                TokenInfo(
+                SimpleToken(
                     id=tid,
                     text=self._tok.id_to_token(tid) if is_special else text[start:stop],
                     special=is_special,
