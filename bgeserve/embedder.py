@@ -159,9 +159,8 @@ class Embedder:
         items = self.embed_ids(ids, want, batch_size, show_progress_bar)
         out: dict[str, Any] = {"dense_vecs": None, "lexical_weights": None, "colbert_vecs": None}
         if want.dense:
-            out["dense_vecs"] = (
-                np.stack([it.dense for it in items]) if items else np.zeros((0, self.hidden_size), np.float32)
-            )
+            dense = [it.dense for it in items if it.dense is not None]
+            out["dense_vecs"] = np.stack(dense) if dense else np.zeros((0, self.hidden_size), np.float32)
         if want.sparse:
             weights = [it.lexical_weights or {} for it in items]
             as_vectors = sparse_format == "indices_values"
@@ -198,22 +197,18 @@ class Embedder:
         if isinstance(sentence_pairs, list) and not sentence_pairs:
             return []
         single = isinstance(sentence_pairs[0], str)
-        pairs = [sentence_pairs] if single else list(sentence_pairs)
+        pairs: list[Any] = [sentence_pairs] if single else list(sentence_pairs)
         if any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in pairs):
             raise InvalidInput("sentence_pairs must be (query, passage) pairs")
-        kwargs = {"batch_size": batch_size, "return_dense": True, "return_sparse": True,
-                  "return_colbert_vecs": True}
-        q = self.encode([p[0] for p in pairs], max_length=max_query_length or self.query_max_length, **kwargs)
-        p = self.encode([p[1] for p in pairs], max_length=max_passage_length or self.passage_max_length, **kwargs)
-        scores = scoring.combine_scores(
-            dense=[float(a @ b) for a, b in zip(q["dense_vecs"], p["dense_vecs"], strict=True)],
-            sparse=[
-                scoring.lexical_matching_score(a, b)
-                for a, b in zip(q["lexical_weights"], p["lexical_weights"], strict=True)
-            ],
-            colbert=[
-                scoring.colbert_score(a, b) for a, b in zip(q["colbert_vecs"], p["colbert_vecs"], strict=True)
-            ],
+        q, p = (
+            self.encode([pair[side] for pair in pairs], batch_size, limit, True, True, True)
+            for side, limit in ((0, max_query_length or self.query_max_length),
+                                (1, max_passage_length or self.passage_max_length))
+        )
+        scores = scoring.pair_scores(
+            dense=(q["dense_vecs"], p["dense_vecs"]),
+            lexical=(q["lexical_weights"], p["lexical_weights"]),
+            colbert=(q["colbert_vecs"], p["colbert_vecs"]),
             weights=weights_for_different_modes or scoring.DEFAULT_WEIGHTS,
         )
         return {k: v[0] for k, v in scores.items()} if single else scores
@@ -230,8 +225,7 @@ class Embedder:
 
     def convert_id_to_token(self, lexical_weights: dict[str, float] | list[dict[str, float]]):
         """Lexical weights keyed by token text instead of id."""
-        single = isinstance(lexical_weights, dict)
-        items = [lexical_weights] if single else lexical_weights
+        items = [lexical_weights] if isinstance(lexical_weights, dict) else lexical_weights
         out = [
             {self.tokenizer.decode([int(k)], skip_special_tokens=False): w for k, w in item.items()}
             for item in items

@@ -115,14 +115,14 @@ def test_outputs_not_asked_for_are_none(pair):
     assert out["lexical_weights"] is None and out["colbert_vecs"] is None
 
 
-def test_compute_score_all_modes(pair):
+@pytest.mark.parametrize("weights", [[0.4, 0.2, 0.4], [0.6, 0.3, 0.1]], ids=["symmetric", "each-mode-its-own"])
+def test_compute_score_all_modes(pair, weights):
     ours, flag = pair
     pairs = [
         ("What is BGE M3?", "BGE M3 is an embedding model supporting dense, sparse and multi-vector retrieval."),
         ("Defination of BM25", "BM25 is a bag-of-words retrieval function " * 4),
         ("北京", "北京是中国的首都"),
     ]
-    weights = [0.4, 0.2, 0.4]
     a = ours.compute_score(pairs, weights_for_different_modes=weights)
     b = flag.compute_score(pairs, weights_for_different_modes=weights)
     assert set(a) == set(b) == {"colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense"}

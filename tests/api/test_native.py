@@ -63,10 +63,14 @@ def test_score_returns_compute_score_lists(http, m3_embedder):
     assert set(got) == {"dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense"}
     for key, values in expected.items():
         np.testing.assert_allclose(got[key], values, atol=1e-4)
-    weighted = http.post("/score", json={"pairs": pairs, "weights_for_different_modes": [0.4, 0.2, 0.4]})
-    expected_w = m3_embedder.compute_score(pairs, weights_for_different_modes=[0.4, 0.2, 0.4])
-    np.testing.assert_allclose(weighted.json()["colbert+sparse+dense"], expected_w["colbert+sparse+dense"],
-                               atol=1e-4)
+    weighted = http.post("/score", json={"pairs": pairs, "weights_for_different_modes": [0.6, 0.3, 0.1]}).json()
+    expected_w = m3_embedder.compute_score(pairs, weights_for_different_modes=[0.6, 0.3, 0.1])
+    np.testing.assert_allclose(weighted["colbert+sparse+dense"], expected_w["colbert+sparse+dense"], atol=1e-4)
+    # FlagEmbedding's formulas: weights are (dense, sparse, colbert), each mean over its own weights.
+    dense, sparse, colbert = (np.array(weighted[k]) for k in ("dense", "sparse", "colbert"))
+    np.testing.assert_allclose(weighted["sparse+dense"], (0.6 * dense + 0.3 * sparse) / 0.9, atol=1e-6)
+    np.testing.assert_allclose(weighted["colbert+sparse+dense"], 0.6 * dense + 0.3 * sparse + 0.1 * colbert,
+                               atol=1e-6)
 
 
 def test_outputs_the_model_lacks_are_4xx(minilm_server):
