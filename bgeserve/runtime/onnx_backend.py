@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from bgeserve.core import BackendOptions, Capabilities, ItemOutput, OutputRequest
+from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.errors import DeviceUnavailable
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime.devices import resolve_device
 from bgeserve.runtime.onnx_cache import ensure_onnx_model
 from bgeserve.runtime.onnx_export import COLBERT, HIDDEN, TOKEN_WEIGHTS, packed_inputs
-from bgeserve.runtime.packed_outputs import PackedResult, items_from_packed
+from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def resolve_onnx_dtype(dtype: str | None, device: str) -> str:
     return name
 
 
-class OnnxBackend:
-    """One onnxruntime session on one device (implements runtime.backend.Backend).
+class OnnxBackend(PackedBackend):
+    """One onnxruntime session on one device.
 
     The first load exports the model (seconds for small models, ~1-2 minutes for bge-m3) and caches it;
     later loads reuse the cached file (see `runtime.onnx_cache`).
@@ -74,26 +74,21 @@ class OnnxBackend:
         cache_dir: Path | None = None,
     ) -> None:
         """`options` default: fp32 on onnxruntime's own thread count."""
+        super().__init__(checkpoint)
         options = options or BackendOptions(backend="onnx", dtype="fp32")
-        threads = options.threads
         ort = _import_onnxruntime()
         self.device = _onnx_device(device)
         self.dtype = resolve_onnx_dtype(options.dtype, self.device)
-        self.checkpoint = checkpoint
-        self.hidden_size = checkpoint.hidden_size
-        self.capabilities: Capabilities = checkpoint.capabilities
         providers = self._providers(ort)
         self.model_path = ensure_onnx_model(checkpoint, self.dtype, cache_dir)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # One graph runs at a time per replica: parallelism comes from intra-op threads only.
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
-        self._pad_id = checkpoint.config.pad_token_id
-        self._unused_ids = torch.tensor(sorted(checkpoint.unused_token_ids), dtype=torch.long)
+        session_options.inter_op_num_threads = 1
+        if options.threads:
+            session_options.intra_op_num_threads = options.threads
+        self.session = ort.InferenceSession(str(self.model_path), sess_options=session_options, providers=providers)
         log.info(
             "loaded %s with onnxruntime on %s (%s, %s)",
             checkpoint.name,
@@ -114,18 +109,13 @@ class OnnxBackend:
         device_id = int(self.device.split(":", 1)[1]) if ":" in self.device else 0
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
 
-    def run(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
-        """Encodes id sequences (special tokens included); returns one ItemOutput per sequence."""
-        self.capabilities.require(want, self.checkpoint.name)
-        if not batch:
-            return []
+    def _forward(self, batch: list[list[int]], want: OutputRequest) -> tuple[PackedBatch, PackedResult]:
         packed = PackedBatch.from_sequences(batch)
         feed = {name: t.numpy() for name, t in packed_inputs(packed, self.checkpoint.config).items()}
         names = [HIDDEN] + [TOKEN_WEIGHTS] * want.sparse + [COLBERT] * want.colbert
         outputs = dict(zip(names, self.session.run(names, feed), strict=True))
-        result = PackedResult(
+        return packed, PackedResult(
             hidden=torch.from_numpy(outputs[HIDDEN]),
             token_weights=torch.from_numpy(outputs[TOKEN_WEIGHTS]) if want.sparse else None,
             colbert=torch.from_numpy(outputs[COLBERT]) if want.colbert else None,
         )
-        return items_from_packed(packed, result, want, self.checkpoint.pooling, self._pad_id, self._unused_ids)

@@ -36,7 +36,9 @@ def quantize_int8(source: Path, path: Path, signed_weights: bool = False, keep_f
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    nodes, added, dropped = [], [], set()
+    nodes: list[onnx.NodeProto] = []
+    added: list[onnx.TensorProto] = []
+    dropped: set[str] = set()
     for index, node in enumerate(graph.node):
         weight = _weight_of(node, inits)
         if weight is None or _is_head(node.name) or any(p in node.name for p in keep_fp32):

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bgeserve.core import ItemOutput, OutputRequest
+from bgeserve.core import Capabilities, ItemOutput, OutputRequest
+from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.heads import lexical_weights, pool_dense
 from bgeserve.models.packed import PackedBatch
 
@@ -19,6 +20,34 @@ class PackedResult:
     hidden: torch.Tensor  # [T, hidden] last hidden state
     token_weights: torch.Tensor | None = None  # [T] relu(sparse_linear(H)), when sparse was asked for
     colbert: torch.Tensor | None = None  # [T, dim] normalised colbert_linear(H), CLS rows included
+
+
+class PackedBackend:
+    """The frame every runtime shares (implements runtime.backend.Backend with its subclass): checks the
+    outputs asked for, lets the subclass's `_forward` compute per-token results for the packed batch, and
+    pools and splits them into one ItemOutput per sequence. Subclasses set `device` and `dtype`."""
+
+    device: str
+    dtype: str
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.hidden_size = checkpoint.hidden_size
+        self.capabilities: Capabilities = checkpoint.capabilities
+        self._pad_id = checkpoint.config.pad_token_id
+        self._unused_ids = torch.tensor(sorted(checkpoint.unused_token_ids), dtype=torch.long)
+
+    @torch.inference_mode()
+    def run(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
+        """Encodes id sequences (special tokens included); returns one ItemOutput per sequence."""
+        self.capabilities.require(want, self.checkpoint.name)
+        if not batch:
+            return []
+        packed, result = self._forward(batch, want)
+        return items_from_packed(packed, result, want, self.checkpoint.pooling, self._pad_id, self._unused_ids)
+
+    def _forward(self, batch: list[list[int]], want: OutputRequest) -> tuple[PackedBatch, PackedResult]:
+        raise NotImplementedError
 
 
 def items_from_packed(

@@ -7,7 +7,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from bgeserve.core import BackendOptions, Capabilities, ItemOutput, OutputRequest
+from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
@@ -17,7 +17,7 @@ from bgeserve.runtime.cpu_linear import pack_encoder_linears
 from bgeserve.runtime.cuda_graphs import GraphedForward
 from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
 from bgeserve.runtime.int8 import quantize_encoder_int8
-from bgeserve.runtime.packed_outputs import PackedResult, items_from_packed
+from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +25,16 @@ COMPILE_LENGTH_BUCKET = 32
 CALIBRATION_TEXTS = 16
 
 
-class TorchBackend:
-    """One model replica on one device (implements runtime.backend.Backend)."""
+class TorchBackend(PackedBackend):
+    """One model replica on one device."""
 
     def __init__(self, checkpoint: Checkpoint, device: str = "cpu", options: BackendOptions | None = None) -> None:
         """`options` default: exact fp32, eager. Threads are set per process (runtime.factory), not here."""
+        super().__init__(checkpoint)
         options = options or BackendOptions(dtype="fp32")
         compile, cuda_graphs = options.compile, options.cuda_graphs
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(options.dtype, self.device)
-        self.checkpoint = checkpoint
-        self.hidden_size = checkpoint.hidden_size
-        self.capabilities: Capabilities = checkpoint.capabilities
         model = EmbeddingModel(checkpoint)
         if self.dtype == "int8":
             # The encoder layers' projections in int8; embeddings, norms and heads stay fp32.
@@ -47,17 +45,15 @@ class TorchBackend:
         if self.device == "cpu" and self.dtype in ("fp32", "bf16") and not compile:
             pack_encoder_linears(model.encoder, checkpoint.config.hidden_act)
         self.model = model
-        self._pad_id = checkpoint.config.pad_token_id
-        self._unused_ids = torch.tensor(sorted(checkpoint.unused_token_ids), dtype=torch.long)
         # Compiled graphs are shape-specialised: lengths are padded to buckets so a few graphs serve all inputs.
         self._compiled = compile
-        self._forward = torch.compile(model, dynamic=True) if compile else model
+        self._forward_module = torch.compile(model, dynamic=True) if compile else model
         self._graphs: GraphedForward | None = None
         if compile:
             self._warm_up()
         # Small batches on CUDA replay captured graphs (one launch instead of ~15 per layer).
         if cuda_graphs and self.device.startswith("cuda"):
-            self._graphs = GraphedForward(self._forward, self.device, self._pad_id)
+            self._graphs = GraphedForward(self._forward_module, self.device, self._pad_id)
         elif cuda_graphs:
             log.info("CUDA graphs apply to CUDA devices only: not used on %s", self.device)
         extras = ", compiled" * compile + ", CUDA graphs" * (self._graphs is not None)
@@ -75,42 +71,36 @@ class TorchBackend:
         for length in (8, 64):
             self.run([[self._pad_id + 1] * length] * 2, OutputRequest())
 
-    @torch.inference_mode()
-    def run(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
-        """Encodes id sequences (special tokens included); returns one ItemOutput per sequence."""
-        self.capabilities.require(want, self.checkpoint.name)
-        if not batch:
-            return []
-        if self._graphs is not None and self._graphs.fits(len(batch), max(map(len, batch))):
-            return self._run_graphed(batch, want)
-        # Compiled graphs want few distinct shapes, so they keep the padded, length-bucketed layout;
-        # eager runs pack the batch and spend nothing on padding.
-        return self._run_padded(batch, want) if self._compiled else self._run_packed(batch, want)
-
-    def _run_graphed(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
+    def _forward(self, batch: list[list[int]], want: OutputRequest) -> tuple[PackedBatch, PackedResult]:
         packed = PackedBatch.from_sequences(batch, self.device)
-        out = self._graphs(packed.pad(packed.ids, self._pad_id), packed.mask())
-        # Indexing copies the real rows out of the graph's output buffer before anything replays it.
-        return self._outputs(packed, out[packed.segment, packed.offset], want)
+        graphed = None
+        if self._graphs is not None and self._graphs.fits(len(batch), packed.max_len):
+            graphed = self._graphs(packed.pad(packed.ids, self._pad_id), packed.mask())
+        if graphed is not None:
+            # Indexing copies the real rows out of the graph's output buffer before anything replays it.
+            hidden = graphed[packed.segment, packed.offset]
+        elif self._compiled:
+            # Compiled graphs want few distinct shapes, so they keep the padded, length-bucketed layout.
+            hidden = self._padded_forward(packed)
+        else:
+            # Eager runs pack the batch and spend nothing on padding.
+            hidden = self.model.forward_packed(packed)
+        return packed, self._heads(hidden, want)
 
-    def _run_packed(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
-        packed = PackedBatch.from_sequences(batch, self.device)
-        return self._outputs(packed, self.model.forward_packed(packed), want)
-
-    def _run_padded(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
-        packed = PackedBatch.from_sequences(batch, self.device)
+    def _padded_forward(self, packed: PackedBatch) -> torch.Tensor:
+        """The real rows of the padded, bucketed forward pass, in packed order."""
         extra = -(-packed.max_len // COMPILE_LENGTH_BUCKET) * COMPILE_LENGTH_BUCKET - packed.max_len
         ids = F.pad(packed.pad(packed.ids, self._pad_id), (0, extra), value=self._pad_id)
         mask = F.pad(packed.mask(), (0, extra))
-        # The real rows of the padded result, in packed order: from here on both layouts are one path.
-        hidden = self._forward(ids, mask)[packed.segment, packed.offset]
-        return self._outputs(packed, hidden, want)
+        return self._forward_module(ids, mask)[packed.segment, packed.offset]
 
-    def _outputs(self, packed: PackedBatch, hidden: torch.Tensor, want: OutputRequest) -> list[ItemOutput]:
-        """Heads on the packed hidden states [T, hidden], then pooled and split per sequence."""
+    def _heads(self, hidden: torch.Tensor, want: OutputRequest) -> PackedResult:
+        """The sparse and ColBERT heads on the packed hidden states [T, hidden]."""
         result = PackedResult(hidden)
         if want.sparse:
+            assert self.model.sparse_linear is not None  # capabilities.require checked it
             result.token_weights = token_weights(hidden, self.model.sparse_linear)
         if want.colbert:
+            assert self.model.colbert_linear is not None
             result.colbert = colbert_vectors(hidden, self.model.colbert_linear)
-        return items_from_packed(packed, result, want, self.checkpoint.pooling, self._pad_id, self._unused_ids)
+        return result
