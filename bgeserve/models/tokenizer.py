@@ -286,10 +286,6 @@ class TextTokenizer:
         """Ids back to text."""
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def id_to_token(self, token_id: int) -> str | None:
-        """The vocabulary entry of one id."""
-        return self._tok.id_to_token(token_id)
-
     def tokenize_detailed(
         self,
         text: str,
