@@ -31,6 +31,7 @@ test: dev
 
 lint: dev
 	$(VENV)/bin/ruff check bgeserve tests scripts
+	$(VENV)/bin/mypy  # packages and settings: [tool.mypy] in pyproject.toml
 
 # Short: 16 texts of the corpus, our configs, transformers fp32 as the peer (BENCHMARKS.md has timings).
 # More: make bench BENCH_ARGS="--compare flagembedding,transformers,onnxruntime --json out.json --plot out.png"

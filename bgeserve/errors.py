@@ -37,7 +37,12 @@ class InputTooLong(BgeServeError):
 
 
 class InvalidInput(BgeServeError, ValueError):
-    """The caller's input is malformed (wrong type, empty, ids out of vocabulary, ...)."""
+    """The caller's input is malformed (wrong type, empty, ids out of vocabulary, ...). `param`: the request
+    field at fault, when it is not the inputs themselves."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class Overloaded(BgeServeError):

@@ -71,7 +71,7 @@ class ErrorKind:
 
 
 # Order matters: subclasses before their bases.
-_KINDS: list[tuple[type[BaseException], ErrorKind]] = [
+_KINDS: list[tuple[type[Exception], ErrorKind]] = [
     (ClientDisconnected, ErrorKind(499, "invalid_request_error", "client_closed", "Cancelled")),
     (Unauthorized, ErrorKind(401, "invalid_request_error", "invalid_api_key", "Unauthorized")),
     (PayloadTooLarge, ErrorKind(413, "invalid_request_error", "payload_too_large", "Validation")),
@@ -122,7 +122,7 @@ def response_for_exception(path: str, exc: BaseException) -> JSONResponse:
         if isinstance(exc, error_type):
             # Checks of other fields set `param` on the error; the rest are about the inputs.
             default = "input" if isinstance(exc, InvalidInput | InputTooLong) else None
-            param = getattr(exc, "param", default)
+            param = getattr(exc, "param", None) or default
             return error_response(path, str(exc), kind, param, _headers_for(exc))
     log.error("unexpected error on %s", path, exc_info=exc)
     return error_response(path, f"internal error: {type(exc).__name__}: {exc}", _UNEXPECTED)

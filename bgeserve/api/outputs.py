@@ -21,9 +21,8 @@ def check_batch_size(count: int, limit: int, what: str = "inputs", flag: str = "
 def check_dimensions(dimensions: int | None, hidden_size: int) -> None:
     """`dimensions` must be between 1 and the model's hidden size."""
     if dimensions is not None and not 1 <= dimensions <= hidden_size:
-        error = InvalidInput(f"dimensions must be between 1 and the model's {hidden_size}, not {dimensions}")
-        error.param = "dimensions"  # type: ignore[attr-defined]
-        raise error
+        message = f"dimensions must be between 1 and the model's {hidden_size}, not {dimensions}"
+        raise InvalidInput(message, "dimensions")
 
 
 def check_prompt_name(prompt_name: str | None) -> None:
@@ -34,7 +33,11 @@ def check_prompt_name(prompt_name: str | None) -> None:
 
 def dense_matrix(outputs: Sequence[ItemOutput], dimensions: int | None, normalize: bool) -> np.ndarray:
     """Dense vectors as one [n, d] float32 array, cut to `dimensions` and re-normalised if asked."""
-    matrix = np.stack([output.dense for output in outputs]).astype(np.float32, copy=False)
+    vectors = []
+    for output in outputs:
+        assert output.dense is not None  # every caller asked the engine for dense
+        vectors.append(output.dense)
+    matrix = np.stack(vectors).astype(np.float32, copy=False)
     if dimensions is not None and dimensions < matrix.shape[1]:
         matrix = matrix[:, :dimensions]
         if normalize:

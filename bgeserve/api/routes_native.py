@@ -22,7 +22,7 @@ router = APIRouter(tags=["native bge-m3"])
 async def encode(body: EncodeRequest, request: Request, svc: ServiceDep) -> JSONResponse:
     """Any of dense_vecs, lexical_weights and colbert_vecs, all from one forward pass per input."""
     if not (body.return_dense or body.return_sparse or body.return_colbert_vecs):
-        raise InvalidInput("nothing to return: set return_dense, return_sparse or return_colbert_vecs")
+        raise InvalidInput("nothing to return: set return_dense, return_sparse or return_colbert_vecs", "return_dense")
     inputs = as_input_list(body.input)
     check_batch_size(len(inputs), svc.settings.max_client_batch_size)
     want = OutputRequest(dense=body.return_dense, sparse=body.return_sparse, colbert=body.return_colbert_vecs)
@@ -34,6 +34,7 @@ async def encode(body: EncodeRequest, request: Request, svc: ServiceDep) -> JSON
     for index, output in enumerate(result.outputs):
         item: dict = {"index": index}
         if body.return_dense:
+            assert output.dense is not None  # asked for, so computed
             item["dense_vecs"] = to_base64(output.dense) if as_base64 else output.dense.tolist()
         if body.return_sparse:
             weights = output.lexical_weights or {}
@@ -42,6 +43,7 @@ async def encode(body: EncodeRequest, request: Request, svc: ServiceDep) -> JSON
             else:
                 item["lexical_weights"] = {k: float(v) for k, v in weights.items()}
         if body.return_colbert_vecs:
+            assert output.colbert is not None
             item["colbert_vecs"] = to_base64(output.colbert) if as_base64 else output.colbert.tolist()
         data.append(item)
     content = {
@@ -59,7 +61,7 @@ async def score(body: ScoreRequest, request: Request, svc: ServiceDep) -> JSONRe
     Needs a model with sparse and ColBERT heads (bge-m3); each distinct text is encoded once.
     """
     if not body.pairs:
-        raise InvalidInput("`pairs` cannot be empty")
+        raise InvalidInput("`pairs` cannot be empty", "pairs")
     check_batch_size(len(body.pairs), svc.settings.max_client_batch_size, what="pairs")
     check_weights(body.weights_for_different_modes)
     want = OutputRequest(dense=True, sparse=True, colbert=True)

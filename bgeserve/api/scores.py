@@ -25,9 +25,7 @@ def check_weights(weights: Sequence[float] | None) -> None:
 
 
 def _weights_error(message: str) -> InvalidInput:
-    error = InvalidInput(message)
-    error.param = "weights_for_different_modes"  # type: ignore[attr-defined]
-    return error
+    return InvalidInput(message, "weights_for_different_modes")
 
 
 def dense_scores(queries: Sequence[ItemOutput], passages: Sequence[ItemOutput]) -> list[float]:

@@ -174,7 +174,7 @@ def probe_machine(openvino_python: str | None = None) -> MachineFacts:
         onnx_backend=onnx_backend_available(),
         packages=packages,
         openvino_python=openvino_python,
-        openvino_ready=bool(openvino_python) and interpreter_has_module(openvino_python, OPENVINO_MODULE),
+        openvino_ready=bool(openvino_python and interpreter_has_module(openvino_python, OPENVINO_MODULE)),
     )
 
 

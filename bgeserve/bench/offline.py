@@ -190,6 +190,7 @@ def run_offline(
     reference = _reference_vectors(plan, rows, progress)
     for row in rows:
         if row.status == "ok" and reference is not None:
+            assert row.dense is not None  # a measurement keeps its corpus vectors (run_protocol)
             row.fidelity = fidelity(row.dense, reference[1])
     if reference is not None:
         for row in rows:
@@ -250,6 +251,7 @@ def _reference_vectors(
     """Our fp32 vectors of the corpus: from an fp32 row of the run, else from one extra untimed pass."""
     for row in rows:
         if row.status == "ok" and row.config.kind in OURS and row.config.dtype == "fp32":
+            assert row.dense is not None
             return row.name, row.dense
     if not any(r.status == "ok" for r in rows):
         return None
@@ -258,6 +260,7 @@ def _reference_vectors(
     outcome = _run(plan, REFERENCE_CONFIG, untimed)
     if outcome.status != "ok" or outcome.measurement is None:
         return None
+    assert outcome.measurement.dense is not None
     return f"{REFERENCE_CONFIG.name} (untimed)", outcome.measurement.dense
 
 

@@ -19,13 +19,13 @@ def machine_info() -> dict:
     """CPU model, cores and library versions: what a reader needs to compare two tables."""
     import torch
 
-    versions = {"python": platform.python_version()}
+    versions: dict[str, str | None] = {"python": platform.python_version()}
     for package in _VERSIONED:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    info = {
+    info: dict[str, object] = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -92,10 +92,12 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,  # keep the logging configured above
         access_log=False,  # the app logs each request itself, with its timings
-        http=guarded_protocol(settings.read_timeout),  # h11 with a deadline on each request head
-        timeout_keep_alive=settings.timeout_keep_alive,
+        # h11 with a deadline on each request head. uvicorn annotates `http` as a protocol class and the
+        # timeouts as int; it calls any protocol factory and takes float seconds (the ignores below).
+        http=guarded_protocol(settings.read_timeout),  # type: ignore[arg-type]
+        timeout_keep_alive=settings.timeout_keep_alive,  # type: ignore[arg-type]
         limit_concurrency=connection_limit,
         # SIGTERM finishes in-flight requests, but no longer than this: a stalled client cannot hold it.
-        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
+        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,  # type: ignore[arg-type]
     )
     return 0

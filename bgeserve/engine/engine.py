@@ -95,8 +95,10 @@ class EmbeddingEngine:
         observer: EngineObserver | None = None,
     ) -> None:
         config = config or EngineConfig()
-        if config.max_batch_tokens is None:
-            config = replace(config, max_batch_tokens=default_batch_tokens(backends))
+        max_batch_tokens = config.max_batch_tokens
+        if max_batch_tokens is None:
+            max_batch_tokens = default_batch_tokens(backends)
+            config = replace(config, max_batch_tokens=max_batch_tokens)
         self.config = config
         self.checkpoint = checkpoint
         self.name: str = checkpoint.name
@@ -107,7 +109,7 @@ class EmbeddingEngine:
         self.vocab_size: int = min(self.tokenizer.vocab_size, checkpoint.config.vocab_size)
         self.slots = InputSlots(self.config.max_concurrent_inputs)
         self.batcher = TokenBudgetBatcher(
-            self.config.max_batch_tokens,
+            max_batch_tokens,
             self.config.max_batch_requests,
             self.config.batch_wait_ms / 1000.0,
         )
@@ -244,7 +246,8 @@ class EmbeddingEngine:
         if max_length < minimum or max_length > self.max_length:
             raise InvalidInput(
                 f"max_length must be between {minimum} and the model's limit of {self.max_length} "
-                f"tokens, not {max_length}"
+                f"tokens, not {max_length}",
+                "max_length",
             )
         return max_length
 

@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -111,7 +112,8 @@ def resolve_model_dir(model: str | None) -> tuple[str, Path]:
     return model, path
 
 
-def _read_json(path: Path) -> dict | list | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object a checkpoint's config file holds; None when there is no such file."""
     if not path.is_file():
         return None
     try:

@@ -7,8 +7,9 @@ compile) can change it freely. Q, K and V are fused into one projection at load 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -148,14 +149,14 @@ class TransformerEncoder(nn.Module):
         """Packed ids and position ids [T] -> [T, hidden], attention done by `attend` (see forward_packed;
         the ONNX export passes a traceable one)."""
         hidden = self.embeddings.embed(input_ids, positions)
-        for layer in self.layers:
+        for layer in cast(Iterable[EncoderLayer], self.layers):  # ModuleList yields plain Modules
             hidden = layer.forward_packed(hidden, attend)
         return hidden
 
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Runs the layers' matrix products in `dtype` (fp16/bf16); embeddings, LayerNorms and the
         residual stream stay fp32."""
-        for layer in self.layers:
+        for layer in cast(Iterable[EncoderLayer], self.layers):
             layer.set_compute_dtype(dtype)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -48,8 +48,8 @@ def lexical_weights(
     first = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(0, inverse, pos, "amin", include_self=False)
     owner = uniq // stride
     order = torch.argsort(owner * (input_ids.shape[1] + 1) + first)
-    owner, token_ids, best = owner[order].tolist(), (uniq % stride)[order].tolist(), best[order].tolist()
+    owners, token_ids, maxima = owner[order].tolist(), (uniq % stride)[order].tolist(), best[order].tolist()
     result: list[dict[str, float]] = [{} for _ in range(input_ids.shape[0])]
-    for b, tid, w in zip(owner, token_ids, best, strict=True):
+    for b, tid, w in zip(owners, token_ids, maxima, strict=True):
         result[b][str(tid)] = w
     return result

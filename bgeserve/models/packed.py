@@ -11,10 +11,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
+_varlen_attn: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]] | None
 try:  # torch >= 2.9; CUDA only.
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 except ImportError:  # pragma: no cover - older torch
@@ -83,7 +85,8 @@ def packed_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         q, k, v = qkv.unbind(1)
         try:
             out = _varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_len, batch.max_len)
-            return out.reshape(total, -1)
+            # Typed for both forms; without `return_aux` it returns the output alone, not (output, aux).
+            return cast(torch.Tensor, out).reshape(total, -1)
         except (RuntimeError, NotImplementedError, TypeError) as exc:
             # e.g. a GPU or head size FlashAttention has no kernel for, or a torch whose (young) varlen API takes
             # other arguments: the padded path gives the same result.

@@ -302,13 +302,15 @@ class TextTokenizer:
             body = self.body(text, max_length - self.num_special_tokens, direction)
         enc = self._tok.post_process(body.encoding) if add_special_tokens else body.encoding
         out = []
-        for tid, special, (start, stop) in zip(enc.ids, enc.special_tokens_mask, enc.offsets, strict=True):
+        for tid, piece, special, (start, stop) in zip(
+            enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets, strict=True
+        ):
             is_special = bool(special)
             start, stop = start + body.offset, stop + body.offset
             out.append(
                 SimpleToken(
                     id=tid,
-                    text=self._tok.id_to_token(tid) if is_special else text[start:stop],
+                    text=piece if is_special else text[start:stop],
                     special=is_special,
                     start=None if is_special else start,
                     stop=None if is_special else stop,

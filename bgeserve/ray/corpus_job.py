@@ -82,8 +82,8 @@ class CorpusJobOptions:
             raise ValueError("ask for at least one output: dense, sparse or colbert")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, not {self.threads}")
-        if self.max_length is not None and self.max_length < 3:
-            raise ValueError("max_length must be at least 3")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1, not {self.max_length}")
         low, high = self.concurrency if isinstance(self.concurrency, tuple) else (self.concurrency,) * 2
         if low < 1 or high < low:
             raise ValueError(f"concurrency must be N >= 1 or (min, max) with 1 <= min <= max, not {self.concurrency}")
@@ -159,6 +159,10 @@ class CorpusJob:
         opts = self.options
         checkpoint = load_checkpoint(opts.model)
         checkpoint.capabilities.require(opts.want, checkpoint.name)  # fail before any Ray work
+        if opts.max_length is not None and opts.max_length < checkpoint.tokenizer.shortest_input:
+            raise ValueError(f"max_length must be at least {checkpoint.tokenizer.shortest_input} for this model "
+                             f"(its special tokens and one more), not {opts.max_length}")
+        assert opts.block_rows is not None  # __post_init__ sets the default
         files = plan_files(find_inputs(input_glob), output_dir.resolve(), opts.text_column, opts.block_rows)
         pending = [f for f in files if not is_complete(f)]
         skipped = len(files) - len(pending)
@@ -225,6 +229,7 @@ class CorpusJob:
         pool = ray.data.ActorPoolStrategy(size=low) if low == high else ray.data.ActorPoolStrategy(
             min_size=low, max_size=high
         )
+        assert opts.block_rows is not None  # __post_init__ sets the default
         source = CorpusSource(files, opts.text_column, opts.block_rows)
         return (
             ray.data.read_datasource(source, override_num_blocks=source.tasks, num_cpus=opts.tokenize_num_cpus)
@@ -343,7 +348,11 @@ def part_table(rows: np.ndarray, outputs: list[ItemOutput], want: OutputRequest,
 
     columns: dict[str, pa.Array] = {"_row": pa.array(rows, pa.int64())}
     if want.dense:
-        flat = np.stack([o.dense for o in outputs]).astype(np.float32).ravel() if outputs else np.zeros(0, np.float32)
+        vectors = []
+        for o in outputs:
+            assert o.dense is not None  # the actors computed what `want` asks for
+            vectors.append(o.dense)
+        flat = np.stack(vectors).astype(np.float32).ravel() if vectors else np.zeros(0, np.float32)
         columns["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), hidden)
     if want.sparse:
         pairs = [sorted_weights(o.lexical_weights or {}) for o in outputs]

@@ -16,11 +16,11 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from bgeserve.api.settings import ServeSettings
 from bgeserve.engine.engine import EmbeddingEngine
@@ -53,7 +53,8 @@ class EmbeddingDeployment:
     under uvicorn.
     """
 
-    async def __init__(self, settings: ServeSettings) -> None:
+    # Serve awaits an async constructor; mypy allows only a plain one.
+    async def __init__(self, settings: ServeSettings) -> None:  # type: ignore[misc]
         logger = logging.getLogger("bgeserve")
         logger.setLevel(settings.log_level.upper())
         if not logger.handlers:
@@ -88,7 +89,9 @@ class EmbeddingDeployment:
 
 def build_application(options: RayServeOptions) -> Application:
     """The Serve application for `options` (the deployment's options are what `serve build` writes)."""
-    return EmbeddingDeployment.options(**options.deployment_options()).bind(options.replica_settings())
+    # @serve.deployment made the class a Deployment; mypy keeps a class decorator's input type.
+    deployment = cast(Deployment, EmbeddingDeployment)
+    return deployment.options(**options.deployment_options()).bind(options.replica_settings())
 
 
 def app(args: dict[str, Any]) -> Application:

@@ -9,11 +9,13 @@ the same pass. Results agree with `F.linear` to float rounding (the summation or
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
 
-from bgeserve.models.encoder import PROJECTIONS
+from bgeserve.models.encoder import PROJECTIONS, EncoderLayer, TransformerEncoder
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def pack_encoder_linears(encoder: nn.Module, activation: str) -> bool:
+def pack_encoder_linears(encoder: TransformerEncoder, activation: str) -> bool:
     """Swaps every projection of the encoder layers (fp32, or bf16 where oneDNN has bf16 kernels) for a
     PackedWeightLinear, in place; the first feed-forward projection takes the GELU along. Returns False,
     with nothing changed, when this torch build or CPU cannot."""
@@ -69,7 +71,7 @@ def pack_encoder_linears(encoder: nn.Module, activation: str) -> bool:
     except RuntimeError as exc:  # e.g. bf16 weights on a CPU without AVX512-BF16 / AMX
         log.info("oneDNN cannot pack these weights here (%s): torch's default GEMM is used", exc)
         return False
-    for layer, modules in zip(encoder.layers, packed, strict=True):
+    for layer, modules in zip(cast(Iterable[EncoderLayer], encoder.layers), packed, strict=True):
         for name, module in modules.items():
             setattr(layer, name, module)
         if gelu is not None:

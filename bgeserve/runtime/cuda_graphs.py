@@ -46,7 +46,7 @@ class GraphedForward:
     ) -> None:
         self.batches, self.lengths = batches, lengths
         self._pad_id = pad_id
-        self._pool = None  # one memory pool for every graph, made at the first capture
+        self._pool: torch.cuda._POOL_HANDLE | None = None  # one memory pool for every graph, made at the first capture
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         with torch.inference_mode():
             for batch in batches:
@@ -80,11 +80,11 @@ class GraphedForward:
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """[b, L, hidden] for padded `ids`/`mask` [b, L], or None when no graph holds that shape. The result
         is a view of the graph's output buffer: copy what you keep before the next call."""
-        shape = graph_shape(*ids.shape, self.batches, self.lengths)
+        b, n = ids.shape
+        shape = graph_shape(b, n, self.batches, self.lengths)
         if shape is None:
             return None
         graph, static_ids, static_mask, out = self._graphs[shape]
-        b, n = ids.shape
         static_ids.fill_(self._pad_id)
         static_mask.zero_()
         static_mask[:, 0] = 1

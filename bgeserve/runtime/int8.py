@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.encoder import PROJECTIONS
 
 SMOOTHING_ALPHA = 0.5
@@ -24,6 +25,11 @@ SMOOTHING_ALPHA = 0.5
 class SmoothedInt8Linear(nn.Module):
     """y = int8_linear((x' - lo) / span) * span + lo * rowsum(W) + b, with x' = x / s and lo, span the
     per-row minimum and range of x'."""
+
+    # Buffers registered in __init__.
+    inv_scale: torch.Tensor
+    bias: torch.Tensor
+    weight_sums: torch.Tensor
 
     def __init__(self, linear: nn.Linear, input_max: torch.Tensor) -> None:
         super().__init__()
@@ -54,7 +60,7 @@ class SmoothedInt8Linear(nn.Module):
 
 
 @torch.inference_mode()
-def _input_maxima(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _input_maxima(model: EmbeddingModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     maxima: dict[str, torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(model.encoder.layers):
@@ -75,7 +81,7 @@ def _input_maxima(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tens
     return maxima
 
 
-def quantize_encoder_int8(model: nn.Module, calibration: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def quantize_encoder_int8(model: EmbeddingModel, calibration: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Replaces every projection of the encoder layers (in place) with a SmoothedInt8Linear."""
     maxima = _input_maxima(model, calibration)
     for i, layer in enumerate(model.encoder.layers):

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -263,7 +264,8 @@ def _xlmr_vocab_from_spm(model: bytes) -> tuple[list[tuple[str, float]], bytes]:
     """
     from sentencepiece import sentencepiece_model_pb2
 
-    proto = sentencepiece_model_pb2.ModelProto()
+    # The generated module makes its message classes at import time; its py.typed declares none of them.
+    proto = cast(Any, sentencepiece_model_pb2).ModelProto()
     proto.ParseFromString(model)
     if [p.piece for p in proto.pieces[:3]] != ["<unk>", "<s>", "</s>"]:
         raise RuntimeError("unexpected SentencePiece special pieces")
