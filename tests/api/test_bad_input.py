@@ -12,51 +12,66 @@ import pytest
 LONG = "word " * 600  # over the tiny bge-m3's 512 tokens
 TOO_MANY = ["x"] * 33  # over the default --max-client-batch-size of 32
 
-# (path, body: dict to send as JSON or bytes to send raw, expected status, words the message must hold)
+# The parameter is not checked where the server names one that is not the field at fault.
+UNCHECKED = object()
+
+# (path, body: dict to send as JSON or bytes to send raw, status, kind, param, words the message must hold).
+# `kind` is the error's `code` on the OpenAI-shaped routes (/v1, /encode, /score; their `type` is always
+# invalid_request_error here) and its `error_type` on the TEI routes, which have no `param` (None).
+# Statuses and kinds are those of bgeserve/api/errors.py: bad JSON 400 everywhere; on TEI routes Empty 400 and
+# Validation 422; on the OpenAI-shaped ones everything 400.
 CASES = [
-    ("/embed", b'{"inputs": "unterminated', 400, "not valid JSON"),
-    ("/v1/embeddings", b'{"input": [1, 2', 400, "not valid JSON"),
-    ("/embed", b'{"inputs": "\xff\xfe caf\xe9"}', 400, "UTF-8"),
-    ("/v1/embeddings", b"[1, 2, 3]", 400, "JSON object"),
-    ("/embed", {"inputs": 5}, 422, "inputs"),
-    ("/embed", {"inputs": "x", "normalize": "maybe"}, 422, "normalize"),
-    ("/v1/embeddings", {"input": ["a", 1]}, 400, "not mixed"),
-    ("/v1/embeddings", {"input": [True, False]}, 400, "input"),
-    ("/embed", {}, 422, "field required"),
-    ("/v1/embeddings", {"model": "x"}, 400, "field required"),
-    ("/rerank", {"query": "q"}, 422, "texts"),
-    ("/embed", {"inputs": ""}, 400, "empty string"),
-    ("/v1/embeddings", {"input": ""}, 400, "empty string"),
-    ("/embed", {"inputs": []}, 400, "no inputs"),
-    ("/v1/embeddings", {"input": []}, 400, "no inputs"),
-    ("/v1/embeddings", {"input": [[]]}, 400, "empty list"),
-    ("/rerank", {"query": "q", "texts": []}, 400, "cannot be empty"),
-    ("/score", {"pairs": []}, 400, "cannot be empty"),
-    ("/embed", {"inputs": TOO_MANY}, 422, "limit of 32"),
-    ("/v1/embeddings", {"input": ["x"] * 2049}, 400, "limit of 2048 (--max-openai-batch-size)"),
-    ("/rerank", {"query": "q", "texts": TOO_MANY}, 422, "limit of 32"),
-    ("/embed", {"inputs": LONG, "truncate": False}, 422, "limit of 512"),
-    ("/embed_sparse", {"inputs": ["ok", LONG], "truncate": False}, 422, "input 1"),
-    ("/encode", {"input": LONG, "truncate": False}, 400, "limit of 512"),
-    ("/v1/embeddings", {"input": [[0, 5, 999_999_999]]}, 400, "vocabulary"),
-    ("/v1/embeddings", {"input": [0, -3, 2]}, 400, "vocabulary"),
-    ("/embed", {"inputs": [[0, 5, 10**6]]}, 422, "vocabulary"),
-    ("/decode", {"ids": [0, 10**7]}, 422, "vocabulary"),
-    ("/v1/embeddings", {"input": "x", "dimensions": 0}, 400, "dimensions"),
-    ("/v1/embeddings", {"input": "x", "dimensions": -4}, 400, "dimensions"),
-    ("/v1/embeddings", {"input": "x", "dimensions": 33}, 400, "dimensions"),
-    ("/embed", {"inputs": "x", "dimensions": 4096}, 422, "dimensions"),
-    ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
-    ("/encode", {"input": "x", "encoding_format": "float16"}, 400, "encoding_format"),
-    ("/embed", b'{"inputs": "caf\\ud800"}', 422, "surrogate"),  # a JSON escape of a lone surrogate
-    ("/embed", {"inputs": "x", "truncation_direction": "middle"}, 422, "truncation_direction"),
-    ("/embed", {"inputs": "x", "prompt_name": "query"}, 422, "prompt"),
-    ("/encode", {"input": "x", "return_dense": False}, 400, "nothing to return"),
-    ("/encode", {"input": "x", "max_length": 0}, 400, "max_length"),
-    ("/score", {"pairs": [["only one"]]}, 400, "pairs"),
-    ("/score", {"pairs": [["a", "b"]], "weights_for_different_modes": [1, 1]}, 400, "weights"),
-    ("/score", {"pairs": [["a", "b"]], "weights_for_different_modes": [0, 0, 0]}, 400, "zero"),
-    ("/rerank", {"query": "q", "texts": ["a"], "weights_for_different_modes": [1, -1, 1]}, 422, "negative"),
+    ("/embed", b'{"inputs": "unterminated', 400, "Validation", None, "not valid JSON"),
+    ("/v1/embeddings", b'{"input": [1, 2', 400, "invalid_json", None, "not valid JSON"),
+    ("/embed", b'{"inputs": "\xff\xfe caf\xe9"}', 400, "Validation", None, "UTF-8"),
+    ("/v1/embeddings", b"[1, 2, 3]", 400, "invalid_value", None, "JSON object"),
+    ("/embed", {"inputs": 5}, 422, "Validation", None, "inputs"),
+    ("/embed", {"inputs": "x", "normalize": "maybe"}, 422, "Validation", None, "normalize"),
+    ("/v1/embeddings", {"input": ["a", 1]}, 400, "invalid_value", "input", "not mixed"),
+    ("/v1/embeddings", {"input": [True, False]}, 400, "invalid_value", "input", "input"),
+    ("/embed", {}, 422, "Validation", None, "field required"),
+    ("/v1/embeddings", {"model": "x"}, 400, "invalid_value", "input", "field required"),
+    ("/rerank", {"query": "q"}, 422, "Validation", None, "texts"),
+    ("/embed", {"inputs": ""}, 400, "Empty", None, "empty string"),
+    ("/v1/embeddings", {"input": ""}, 400, "empty_input", "input", "empty string"),
+    ("/embed", {"inputs": []}, 400, "Empty", None, "no inputs"),
+    ("/v1/embeddings", {"input": []}, 400, "empty_input", "input", "no inputs"),
+    ("/v1/embeddings", {"input": [[]]}, 400, "empty_input", "input", "empty list"),
+    ("/rerank", {"query": "q", "texts": []}, 400, "Empty", None, "cannot be empty"),
+    # The server says param "input"; the field is `pairs`.
+    ("/score", {"pairs": []}, 400, "invalid_input", "pairs", "cannot be empty"),
+    ("/embed", {"inputs": TOO_MANY}, 422, "Validation", None, "limit of 32"),
+    ("/v1/embeddings", {"input": ["x"] * 2049}, 400, "invalid_input", "input",
+     "limit of 2048 (--max-openai-batch-size)"),
+    ("/rerank", {"query": "q", "texts": TOO_MANY}, 422, "Validation", None, "limit of 32"),
+    ("/embed", {"inputs": LONG, "truncate": False}, 422, "Validation", None, "limit of 512"),
+    ("/embed_sparse", {"inputs": ["ok", LONG], "truncate": False}, 422, "Validation", None, "input 1"),
+    ("/encode", {"input": LONG, "truncate": False}, 400, "context_length_exceeded", "input", "limit of 512"),
+    ("/v1/embeddings", {"input": [[0, 5, 999_999_999]]}, 400, "invalid_input", "input", "vocabulary"),
+    ("/v1/embeddings", {"input": [0, -3, 2]}, 400, "invalid_input", "input", "vocabulary"),
+    ("/embed", {"inputs": [[0, 5, 10**6]]}, 422, "Validation", None, "vocabulary"),
+    ("/decode", {"ids": [0, 10**7]}, 422, "Validation", None, "vocabulary"),
+    ("/v1/embeddings", {"input": "x", "dimensions": 0}, 400, "invalid_input", "dimensions", "dimensions"),
+    ("/v1/embeddings", {"input": "x", "dimensions": -4}, 400, "invalid_input", "dimensions", "dimensions"),
+    ("/v1/embeddings", {"input": "x", "dimensions": 33}, 400, "invalid_input", "dimensions", "dimensions"),
+    ("/embed", {"inputs": "x", "dimensions": 4096}, 422, "Validation", None, "dimensions"),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, 400, "invalid_value", "encoding_format",
+     "encoding_format"),
+    ("/encode", {"input": "x", "encoding_format": "float16"}, 400, "invalid_value", "encoding_format",
+     "encoding_format"),
+    ("/embed", b'{"inputs": "caf\\ud800"}', 422, "Validation", None, "surrogate"),  # JSON escape of a lone surrogate
+    ("/embed", {"inputs": "x", "truncation_direction": "middle"}, 422, "Validation", None, "truncation_direction"),
+    ("/embed", {"inputs": "x", "prompt_name": "query"}, 422, "Validation", None, "prompt"),
+    # The server says param "input" for these two; the fields are the return_* flags and `max_length`.
+    ("/encode", {"input": "x", "return_dense": False}, 400, "invalid_input", "return_dense", "nothing to return"),
+    ("/encode", {"input": "x", "max_length": 0}, 400, "invalid_input", "max_length", "max_length"),
+    ("/score", {"pairs": [["only one"]]}, 400, "invalid_value", "pairs", "pairs"),
+    ("/score", {"pairs": [["a", "b"]], "weights_for_different_modes": [1, 1]}, 400, "invalid_value",
+     "weights_for_different_modes", "weights"),
+    ("/score", {"pairs": [["a", "b"]], "weights_for_different_modes": [0, 0, 0]}, 400, "invalid_input",
+     "weights_for_different_modes", "zero"),
+    ("/rerank", {"query": "q", "texts": ["a"], "weights_for_different_modes": [1, -1, 1]}, 422, "Validation", None,
+     "negative"),
 ]
 
 
@@ -73,21 +88,24 @@ def http(m3_server) -> httpx.Client:
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "status", "words"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+    ("path", "body", "status", "kind", "param", "words"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
 )
-def test_bad_input_is_a_4xx_json_error(http, path, body, status, words):
+def test_bad_input_is_a_4xx_json_error(http, path, body, status, kind, param, words):
     response = _send(http, path, body)
     assert response.status_code == status, response.text
     payload = response.json()
     if path.startswith(("/v1", "/encode", "/score")):
         error = payload["error"]
-        assert set(error) == {"message", "type", "param", "code"}
+        assert set(payload) == {"error"} and set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"]) == ("invalid_request_error", kind), error
+        if param is not UNCHECKED:
+            assert error["param"] == param, error
         message = error["message"]
     else:
         assert set(payload) == {"error", "error_type"}
-        assert payload["error_type"] in {"Validation", "Empty"}
+        assert payload["error_type"] == kind, payload
         message = payload["error"]
-    assert words.lower() in message.lower()
+    assert isinstance(message, str) and words.lower() in message.lower()
 
 
 def test_nan_and_infinite_numbers_are_refused(http):

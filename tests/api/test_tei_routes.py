@@ -8,7 +8,8 @@ import pytest
 
 from .conftest import API_KEY
 
-HEADERS = ("x-compute-time", "x-tokenization-time", "x-queue-time", "x-inference-time", "x-compute-tokens")
+# TEI's timing headers, whole milliseconds; x-compute-time is the whole request.
+PARTS = ("x-tokenization-time", "x-queue-time", "x-inference-time")
 
 
 @pytest.fixture(scope="module")
@@ -17,16 +18,50 @@ def http(m3_server) -> httpx.Client:
         yield client
 
 
+def _int_header(response: httpx.Response, name: str) -> int:
+    return int(response.headers[name])
+
+
 def test_embed_single_and_batch(http, m3_embedder):
     one = http.post("/embed", json={"inputs": "What is BGE M3?"})
     assert one.status_code == 200
-    for name in HEADERS:
-        assert int(one.headers[name]) >= 0
     many = http.post("/embed", json={"inputs": ["What is BGE M3?", "Definition of BM25"]}).json()
     expected = m3_embedder.encode(["What is BGE M3?", "Definition of BM25"])["dense_vecs"]
     assert len(one.json()) == 1
     np.testing.assert_allclose(one.json()[0], expected[0], atol=1e-5)
     np.testing.assert_allclose(many, expected, atol=1e-5)
+
+
+def test_compute_headers_count_the_request_and_its_time_parts(http, m3_embedder):
+    texts = ["What is BGE M3?", "北京是中国的首都 🙂", "word " * 600]  # the last is cut to 512 tokens
+    for inputs in (texts[:1], texts[1:2], texts):
+        response = http.post("/embed", json={"inputs": inputs})
+        assert response.status_code == 200, response.text
+        # Characters are code points, as TEI counts them (not UTF-8 bytes); tokens are those embedded,
+        # special tokens included and a cut text counted as cut.
+        assert _int_header(response, "x-compute-characters") == sum(len(t) for t in inputs)
+        whole = [m3_embedder.tokenizer.token_count(t) for t in inputs]
+        assert _int_header(response, "x-compute-tokens") == sum(min(512, n) for n in whole)
+        assert _int_header(response, "x-truncated-inputs") == sum(n > 512 for n in whole)
+        total = _int_header(response, "x-compute-time")
+        assert all(0 <= _int_header(response, part) <= total for part in PARTS)
+        if len(inputs) == 1:
+            # One input goes through the three stages one after another, inside the request's time.
+            assert sum(_int_header(response, part) for part in PARTS) <= total
+    assert len(texts[1]) < len(texts[1].encode())
+
+
+def test_timing_headers_are_the_engines_timings_in_whole_milliseconds():
+    from bgeserve.api.outputs import timing_headers
+    from bgeserve.engine.engine import EncodeResult, Timings
+
+    timings = Timings(tokenization=0.0129, queue=0.25, inference=1.5004, total=1.9375)
+    result = EncodeResult(outputs=[], prompt_tokens=17, truncated=1, characters=40, timings=timings)
+    # Cut to whole milliseconds, as TEI's as_millis() does: 12.9 ms -> 12.
+    assert timing_headers(result) == {
+        "x-compute-time": "1937", "x-tokenization-time": "12", "x-queue-time": "250", "x-inference-time": "1500",
+        "x-compute-tokens": "17", "x-compute-characters": "40", "x-truncated-inputs": "1",
+    }
 
 
 def test_embed_normalize_false_and_dimensions(http):
@@ -37,12 +72,22 @@ def test_embed_normalize_false_and_dimensions(http):
     assert cut.shape == (8,) and np.linalg.norm(cut) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_truncation_is_reported_and_direction_matters(http):
+def test_truncation_is_reported_and_direction_matters(http, m3_embedder):
     long = "word " * 600  # tiny bge-m3 takes 512 tokens
-    right = http.post("/embed", json={"inputs": [long + "right end", "short"]})
+    text = "left start " + long + "right end"
+    body = m3_embedder.tokenizer._tok.encode(text, add_special_tokens=False).ids  # whole, uncut
+    right = http.post("/embed", json={"inputs": [text, "short"]})
     assert right.headers["x-truncated-inputs"] == "1"
-    left = http.post("/embed", json={"inputs": ["left start " + long], "truncation_direction": "Left"})
-    assert left.status_code == 200
+    left = http.post("/embed", json={"inputs": [text], "truncation_direction": "Left"})
+    assert left.status_code == 200 and left.headers["x-truncated-inputs"] == "1"
+    # Each embeds exactly its kept tokens: the first 510 of the body (right) or the last 510 (left).
+    head, tail = [0, *body[:510], 2], [0, *body[-510:], 2]
+    np.testing.assert_allclose(right.json()[0], http.post("/embed", json={"inputs": [head]}).json()[0], atol=1e-5)
+    np.testing.assert_allclose(left.json()[0], http.post("/embed", json={"inputs": [tail]}).json()[0], atol=1e-5)
+    assert not np.allclose(left.json()[0], right.json()[0], atol=1e-3)
+    kept = http.post("/tokenize", json={"inputs": text, "truncation_direction": "Left"}).json()[0]
+    assert [t["id"] for t in kept] == tail
+    assert text[kept[1]["start"]:kept[-2]["stop"]].endswith("word right end")  # the text's last words survive
     refused = http.post("/embed", json={"inputs": long, "truncate": False})
     assert refused.status_code == 422
     assert "512" in refused.json()["error"] and refused.json()["error_type"] == "Validation"
@@ -79,7 +124,17 @@ def test_rerank_uses_hybrid_score_sorted_descending(http, m3_embedder):
     dense_only = http.post(
         "/rerank", json={"query": query, "texts": texts, "weights_for_different_modes": [1, 0, 0]}
     ).json()
-    assert "text" not in dense_only[0]
+    # Weights [dense, sparse, colbert] = [1, 0, 0]: the score is the cosine of the /embed vectors alone.
+    _assert_ranked_by_cosine(dense_only, http.post("/embed", json={"inputs": [query, *texts]}).json())
+    assert all(set(r) == {"index", "score"} for r in dense_only)  # no text unless return_text
+
+
+def _assert_ranked_by_cosine(ranks: list[dict], vectors: list[list[float]]) -> None:
+    """`ranks` (of /rerank) score each text by its cosine with the query, vectors[0], best first."""
+    cosine = np.array(vectors[1:]) @ np.array(vectors[0])
+    assert [r["index"] for r in ranks] == sorted(range(len(cosine)), key=lambda i: -cosine[i])
+    np.testing.assert_allclose([r["score"] for r in ranks], [cosine[r["index"]] for r in ranks], atol=1e-5)
+    assert len(set(np.round(cosine, 3))) == len(cosine)  # distinct scores: the order above is the only one
 
 
 def test_tokenize_and_decode_round_trip(http):
@@ -115,13 +170,13 @@ def test_minilm_lacks_sparse_but_reranks_dense_only(minilm_server, minilm_embedd
     sparse = httpx.post(f"{minilm_server.url}/embed_sparse", json={"inputs": "x"}, headers=auth)
     assert sparse.status_code == 424  # TEI's status for a route the model type cannot serve
     assert sparse.json()["error_type"] == "Backend" and "sparse_linear.pt" in sparse.json()["error"]
-    texts = ["Paris is the capital of France", "Bananas are yellow"]
-    ranks = httpx.post(
-        f"{minilm_server.url}/rerank", json={"query": "capital of France", "texts": texts}, headers=auth
-    ).json()
-    vecs = minilm_embedder.encode(["capital of France", *texts])["dense_vecs"]
-    assert ranks[0]["index"] == 0
-    assert ranks[0]["score"] == pytest.approx(float(vecs[0] @ vecs[1]), abs=1e-5)
+    query, texts = "capital of France", ["Bananas are yellow", "Paris is the capital of France", "France is big"]
+    ranks = httpx.post(f"{minilm_server.url}/rerank", json={"query": query, "texts": texts}, headers=auth).json()
+    vectors = httpx.post(f"{minilm_server.url}/embed", json={"inputs": [query, *texts]}, headers=auth).json()
+    _assert_ranked_by_cosine(ranks, vectors)
+    assert ranks[0]["index"] == 1  # the sentence about the capital first
+    # The /embed vectors are the model's own: the same as the in-process embedder gives.
+    np.testing.assert_allclose(vectors, minilm_embedder.encode([query, *texts])["dense_vecs"], atol=1e-5)
 
 
 def test_root_and_invocations_embed_like_embed(http):

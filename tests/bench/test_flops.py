@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from bgeserve.bench.configs import BenchConfig
 from bgeserve.bench.flops import matmul_shape, measure_matmul_tflops, projection_flops_per_token
@@ -13,6 +15,8 @@ from bgeserve.bench.job import JobOutcome
 from bgeserve.bench.measure import Measurement
 from bgeserve.bench.offline import Corpus, _row
 from bgeserve.models.config import EncoderConfig
+from bgeserve.models.encoder import TransformerEncoder
+from bgeserve.runtime import cpu_features
 from bgeserve.testing.synthetic import SIZES, _model_config
 
 
@@ -25,17 +29,43 @@ def _config(size: str, folder: Path) -> EncoderConfig:
 
 
 def test_bge_m3_costs_the_issues_0_61_gflop_per_token(tmp_path: Path):
-    flops = projection_flops_per_token(_config("full", tmp_path))
-    # 24 layers x (4 x 1024^2 + 2 x 1024 x 4096) multiply-adds, x 2 FLOPs each.
-    assert flops == 2 * 24 * (4 * 1024**2 + 2 * 1024 * 4096)
-    assert flops / 1e9 == pytest.approx(0.604, abs=0.001)
+    # Per layer and token: QKV 1024 x 3072, attention output 1024 x 1024, feed-forward 1024 x 4096 and
+    # 4096 x 1024 multiply-adds = 3,145,728 + 1,048,576 + 4,194,304 + 4,194,304 = 12,582,912; x 24 layers
+    # x 2 FLOPs = 603,979,776 FLOPs.
+    assert projection_flops_per_token(_config("full", tmp_path)) == 603_979_776
 
 
-def test_product_rate_is_measured_in_the_rows_precision():
-    rate = measure_matmul_tflops("cpu", "fp32")
-    assert rate is not None and 0 < rate < 100  # TFLOP/s: any CPU lands far below 100
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_flops_per_token_are_what_the_encoder_runs(size: str, tmp_path: Path):
+    """FlopCounterMode counts the matrix products of one forward pass of our encoder (on the meta device: no
+    weights, bge-m3's own shapes): the projections (addmm) are exactly the formula's FLOPs per token."""
+    config = _config(size, tmp_path)
+    with torch.device("meta"):
+        encoder = TransformerEncoder(config)
+    tokens = 7
+    ids = torch.full((1, tokens), 5, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        encoder(ids, torch.ones_like(ids))
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    assert counts.pop("aten.addmm") == tokens * projection_flops_per_token(config)
+    # What is left out: attention scores and their weighted sum, 2 x 2 x tokens^2 x hidden per layer.
+    assert counts == {"aten.bmm": config.num_layers * 4 * tokens**2 * config.hidden_size}
+
+
+def test_product_rate_is_measured_in_the_rows_precision(monkeypatch):
+    asked = []
+
+    def rate(dtype: torch.dtype, rows: int, size: int) -> float:
+        asked.append((dtype, rows, size))
+        return 3.5e12
+
+    monkeypatch.setattr(cpu_features, "matmul_rate", rate)
+    assert measure_matmul_tflops("cpu", "fp32") == 3.5 and measure_matmul_tflops("cpu", "bf16") == 3.5
+    # bge-m3's first feed-forward product on 2048 token rows, [2048, 1024] x [1024, 4096], in each row's dtype.
+    assert asked == [(torch.float32, 2048, 1024), (torch.bfloat16, 2048, 1024)]
     assert matmul_shape("cpu") == "2048x1024x4096" and matmul_shape("cuda:0") == "8192^3"
-    assert measure_matmul_tflops("cpu", "int8", size=64) is None  # no plain int8 product to time
+    assert measure_matmul_tflops("cpu", "int8", size=64) is None and len(asked) == 2  # no plain int8 product
 
 
 def _corpus() -> Corpus:

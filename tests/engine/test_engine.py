@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import numpy as np
 import pytest
@@ -152,16 +153,53 @@ def test_timeout_raises_and_frees_slots(fake_checkpoint):
     run(main())
 
 
+def test_timings_show_a_slow_backend_and_the_wait_behind_it(fake_checkpoint):
+    """A forward pass held open shows in its request's inference time, and in the queue time of the
+    request waiting behind it (one replica); every part lies within the request's total."""
+    backend = FakeBackend()
+    engine = make_engine(fake_checkpoint, [backend])
+
+    async def main():
+        backend.gate.clear()
+        first = asyncio.create_task(engine.encode(["first text"], DENSE))
+        assert await asyncio.to_thread(backend.entered.wait, 30)
+        held_from = time.monotonic()  # the first forward pass has started by now
+        second = asyncio.create_task(engine.encode(["second text here"], DENSE))
+        while not len(engine.batcher):  # the second input is queued by now
+            await asyncio.sleep(0.001)
+        queued_by = time.monotonic()
+        await asyncio.sleep(0.2)
+        released = time.monotonic()  # neither forward pass has ended before this
+        backend.gate.set()
+        results = await asyncio.gather(first, second)
+        await engine.stop()
+        return results, released - held_from, released - queued_by
+
+    (first, second), held, waited = run(main())
+    assert first.timings.inference >= held
+    assert second.timings.queue >= waited
+    for result in (first, second):
+        t = result.timings
+        assert min(t.tokenization, t.queue, t.inference) >= 0
+        assert t.tokenization + t.queue + t.inference <= t.total
+    assert (first.characters, second.characters) == (len("first text"), len("second text here"))
+    assert [first.prompt_tokens, second.prompt_tokens] == [len(batch[0]) for batch in backend.batches]
+
+
 def test_truncation_and_length_limit(fake_checkpoint):
     backend = FakeBackend()
     engine = make_engine(fake_checkpoint, [backend])
     long_text = "word " * 200
+    tailed = "head start " + long_text + "final tail"
 
     async def main():
         result = await engine.encode([long_text, "short"], DENSE)
         assert result.truncated == 1
         assert result.outputs[0].num_tokens == 64
-        left = await engine.encode([long_text + " tail"], DENSE, direction="left")
+        right = await engine.encode([tailed], DENSE)
+        kept_right = backend.batches[-1][0]  # one request at a time: the last batch is its own
+        left = await engine.encode([tailed], DENSE, direction="left")
+        kept_left = backend.batches[-1][0]
         with pytest.raises(InputTooLong, match="limit of 64"):
             await engine.encode(["short", long_text], DENSE, truncate=False)
         with pytest.raises(InputTooLong):
@@ -171,11 +209,20 @@ def test_truncation_and_length_limit(fake_checkpoint):
         with pytest.raises(InvalidInput, match="max_length"):
             await engine.encode(["x"], DENSE, max_length=65)
         await engine.stop()
-        return left
+        return right, kept_right, left, kept_left
 
-    left = run(main())
-    # Left truncation keeps the end of the text and still ends with [SEP].
-    assert left.outputs[0].num_tokens == 64
+    right, kept_right, left, kept_left = run(main())
+    tokenizer = fake_checkpoint.tokenizer
+    body = tokenizer.encode([tailed], 10_000).ids[0][1:-1]  # the whole text's tokens, no specials
+    assert len(body) > 62
+    # Right truncation keeps the start of the text, left truncation its end; both keep [CLS] ... [SEP].
+    assert kept_right == [101, *body[:62], 102]
+    assert kept_left == [101, *body[-62:], 102]
+    assert tokenizer.decode(kept_left).endswith("word final tail")
+    assert tokenizer.decode(kept_right).startswith("head start word")
+    assert left.truncated == right.truncated == 1 and left.outputs[0].num_tokens == 64
+    np.testing.assert_array_equal(left.outputs[0].dense, expected_dense(kept_left))
+    np.testing.assert_array_equal(right.outputs[0].dense, expected_dense(kept_right))
 
 
 def test_token_id_inputs_are_used_as_given(fake_checkpoint):

@@ -80,7 +80,12 @@ def test_truncation_keeps_special_tokens(m3_checkpoint):
     right = tok.encode([text], max_length=10)
     assert right.truncated == [True] and len(right.ids[0]) == 10
     assert right.ids[0][0] == 0 and right.ids[0][-1] == 2
-    left = tok.encode([text + "end"], max_length=10, direction="left")
-    assert left.ids[0][0] == 0 and left.ids[0][-1] == 2 and left.ids[0] != right.ids[0]
+    assert right.ids[0] == [0, *tok.encode([text], max_length=512).ids[0][1:9], 2]  # the first 8 body tokens
+    # Left truncation keeps the last 8 body tokens: the text's end, framed by <s> ... </s>.
+    tailed = "start " + text + "the very end"
+    body = tok.encode([tailed], max_length=512).ids[0][1:-1]
+    left = tok.encode([tailed], max_length=10, direction="left")
+    assert left.truncated == [True] and left.ids[0] == [0, *body[-8:], 2]
+    assert tok.decode(left.ids[0]).endswith("the very end")
     whole = tok.encode([text], max_length=10, truncate=False)
     assert whole.truncated == [False] and len(whole.ids[0]) == whole.full_lengths[0] > 10

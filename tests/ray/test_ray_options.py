@@ -218,3 +218,17 @@ def test_readme_configs_are_ones_serve_accepts():
         (application,) = schema.applications
         assert application.import_path == "bgeserve.ray:app" and application.route_prefix == "/"
         RayServeOptions.from_args(application.args)
+
+
+def test_corpus_job_refuses_a_max_length_below_the_models_shortest_input(m3_checkpoint, tmp_path):
+    """Checked against the model's own special tokens before any Ray work starts (no cluster here)."""
+    from bgeserve.ray.corpus_job import CorpusJob, CorpusJobOptions
+
+    (tmp_path / "in.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="max_length must be at least 3 for this model"):
+        CorpusJob(CorpusJobOptions(model=str(m3_checkpoint), max_length=2)).run(
+            str(tmp_path / "in.jsonl"), tmp_path / "out"
+        )
+    with pytest.raises(ValueError, match="max_length must be at least 1"):
+        CorpusJobOptions(model=str(m3_checkpoint), max_length=0)
+    assert not (tmp_path / "out").exists()

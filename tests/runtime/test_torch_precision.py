@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
+from bgeserve.runtime import cpu_features
 from bgeserve.runtime.cpu_features import cpu_has_native_bf16, matmul_rate
 from bgeserve.runtime.devices import auto_dtype, choose_cpu_dtype, resolve_dtype
 from bgeserve.runtime.torch_backend import TorchBackend
@@ -134,13 +139,77 @@ def test_auto_picks_bf16_on_cpu_only_when_native_and_measured_faster():
     assert choose_cpu_dtype(True, rates.__getitem__)[0] == "fp32"
 
 
-def test_matmul_rate_measures_this_cpu():
-    assert matmul_rate(torch.float32, rows=16, size=64, repeats=1) > 1e6
+class _ScriptedClock:
+    """cpu_features' perf_counter: timed product i takes durations[i] seconds; reading it more often fails."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self._readings = [value for i, d in enumerate(durations) for value in (10.0 * (i + 1), 10.0 * (i + 1) + d)]
+        self.reads = 0
+
+    def perf_counter(self) -> float:
+        self.reads += 1
+        return self._readings[self.reads - 1]
 
 
-def test_matmul_rate_measures_bf16_where_onednn_cannot_pack_it(simulate_cpu):
-    simulate_cpu("epyc-avx2")
-    assert matmul_rate(torch.bfloat16, rows=16, size=64, repeats=1) > 1e6
+class _LinearProducts(TorchFunctionMode):
+    """Records the dtype of every linear product that runs inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) == "linear":
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+class _CountablePackedLinear(torch.nn.Module):
+    """Stands in for oneDNN's PackedWeightLinear with the same product through F.linear, which
+    FlopCounterMode counts (it cannot see oneDNN's own op)."""
+
+    made = 0
+
+    def __init__(self, linear: torch.nn.Linear, gelu: str | None = None) -> None:
+        super().__init__()
+        self.linear = linear
+        type(self).made += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.linear.weight, self.linear.bias)
+
+
+# One [16, 64] x [64, 256] product (rows=16, size=64): 16 x 256 outputs of 64 multiply-adds, 2 FLOPs each.
+_PRODUCT_FLOPS = 524_288
+
+
+def test_matmul_rate_is_the_products_flops_over_its_best_timing(monkeypatch):
+    clock = _ScriptedClock([0.5, 0.25, 0.4])
+    monkeypatch.setattr(cpu_features, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(cpu_features, "onednn_linear_available", lambda: True)
+    monkeypatch.setattr(cpu_features, "PackedWeightLinear", _CountablePackedLinear)
+    monkeypatch.setattr(_CountablePackedLinear, "made", 0)
+    counter, products = FlopCounterMode(display=False), _LinearProducts()
+    with counter, products:
+        rate = matmul_rate(torch.float32, rows=16, size=64, repeats=3)
+    # Through the packed kernel the backend uses, in fp32: a warm-up run, then 3 timed runs.
+    assert _CountablePackedLinear.made == 1 and products.dtypes == [torch.float32] * 4
+    assert counter.get_total_flops() == 4 * _PRODUCT_FLOPS
+    assert clock.reads == 6  # the warm-up is not timed
+    assert rate == _PRODUCT_FLOPS / 0.25  # the best of 0.5, 0.25 and 0.4 s
+
+
+def test_matmul_rate_measures_bf16_where_onednn_cannot_pack_it(simulate_cpu, monkeypatch):
+    simulate_cpu("epyc-avx2")  # packing a bf16 weight for oneDNN fails, as it does on AVX2 CPUs
+    clock = _ScriptedClock([0.125])
+    monkeypatch.setattr(cpu_features, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    counter, products = FlopCounterMode(display=False), _LinearProducts()
+    with counter, products:
+        rate = matmul_rate(torch.bfloat16, rows=16, size=64, repeats=1)
+    # torch's own GEMM runs the same product instead, still in bf16.
+    assert products.dtypes == [torch.bfloat16] * 2
+    assert counter.get_total_flops() == 2 * _PRODUCT_FLOPS
+    assert rate == _PRODUCT_FLOPS / 0.125
 
 
 def test_auto_dtype_says_what_it_chose_and_why(m3_checkpoint, caplog, cpu_class):
