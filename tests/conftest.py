@@ -58,6 +58,7 @@ class CpuClass:
     flags: frozenset[str]  # spelled alike in /proc/cpuinfo and torch.cpu.get_capabilities() for those used
     fp32_rate: float  # FLOP/s of the start-up matrix product (runtime.cpu_features.matmul_rate)
     bf16_rate: float
+    int8_rate: float  # ops/s of the int8 backend's product (runtime.cpu_features.int8_product_rate)
     auto_dtype: str  # what `dtype=auto` must run on it
     int8_weights: str  # the ONNX int8 weight encoding it must get: s8 with VNNI, else u8
 
@@ -74,13 +75,13 @@ CPU_CLASSES = {
     cpu.name: cpu
     for cpu in (
         # AMD EPYC (Zen 2/3): AVX2 only, so no native bf16 (never measured) and u8 x s8 saturates.
-        CpuClass("epyc-avx2", _AVX2, 100e9, 25e9, "fp32", "u8"),
+        CpuClass("epyc-avx2", _AVX2, 100e9, 25e9, 90e9, "fp32", "u8"),
         # Intel Alder Lake and later clients: AVX2 with AVX-VNNI, no AVX-512.
-        CpuClass("avx2-avx-vnni", _AVX2 | {"avx_vnni"}, 100e9, 25e9, "fp32", "s8"),
-        # AMD Zen 5: AVX512-BF16 and AVX512-VNNI; bf16 products measured faster than fp32.
-        CpuClass("zen5-avx512-bf16", _AVX512 | {"avx512_bf16"}, 200e9, 400e9, "bf16", "s8"),
+        CpuClass("avx2-avx-vnni", _AVX2 | {"avx_vnni"}, 100e9, 25e9, 250e9, "fp32", "s8"),
+        # AMD Zen 5: AVX512-BF16 and AVX512-VNNI; bf16 products measured faster than fp32, int8 faster still.
+        CpuClass("zen5-avx512-bf16", _AVX512 | {"avx512_bf16"}, 200e9, 400e9, 800e9, "bf16", "s8"),
         # Intel Xeon Sapphire Rapids and later: AMX tiles for bf16 and int8.
-        CpuClass("xeon-amx", _AVX512 | _AMX | {"avx512_bf16"}, 200e9, 1.6e12, "bf16", "s8"),
+        CpuClass("xeon-amx", _AVX512 | _AMX | {"avx512_bf16"}, 200e9, 1.6e12, 3.2e12, "bf16", "s8"),
     )
 }
 
@@ -99,6 +100,7 @@ def simulate_cpu(monkeypatch: pytest.MonkeyPatch):
         rates = {torch.float32: cpu.fp32_rate, torch.bfloat16: cpu.bf16_rate}
         monkeypatch.setattr(cpu_features, "cpu_capabilities", lambda: dict.fromkeys(cpu.flags, True))
         monkeypatch.setattr(cpu_features, "matmul_rate", rates.__getitem__)
+        monkeypatch.setattr(cpu_features, "int8_product_rate", lambda: cpu.int8_rate)
         monkeypatch.setattr(cpu_features, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": cpu.flags)
         if not cpu.onednn_packs_bf16:
             _refuse_onednn_bf16(monkeypatch)

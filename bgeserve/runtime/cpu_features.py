@@ -67,3 +67,46 @@ def matmul_rate(dtype: torch.dtype, rows: int = 256, size: int = 1024, repeats: 
             run(x)
             best = min(best, time.perf_counter() - start)
     return 2 * rows * size * 4 * size / max(best, 1e-9)
+
+
+def int8_product_rate(rows: int = 256, size: int = 1024, repeats: int = 3) -> float | None:
+    """Integer ops/s of one [rows, size] x [size, 4 size] u8 x int8 product through onnxruntime's
+    MatMulIntegerToFloat, the kernel of the int8 backend, with the weight encoding it picks for this CPU
+    (s8 with VNNI, u8 without); best of `repeats`. None without onnxruntime and onnx (the onnx extra)."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    import numpy as np
+
+    signed = cpu_has_vnni()
+    gen = np.random.default_rng(0)
+    weight = gen.integers(-127, 128, (size, 4 * size), dtype=np.int16)
+    weight = weight.astype(np.int8) if signed else (weight + 128).astype(np.uint8)
+    zero_point = np.array(0, np.int8) if signed else np.array(128, np.uint8)
+    inits = [
+        numpy_helper.from_array(weight, "w"),
+        numpy_helper.from_array(np.array(1, np.float32), "a_scale"),
+        numpy_helper.from_array(np.full(4 * size, 0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(zero_point, "w_zp"),
+    ]
+    node = helper.make_node("MatMulIntegerToFloat", ["x", "w", "a_scale", "w_scale", "", "w_zp"], ["y"],
+                            domain="com.microsoft")
+    graph = helper.make_graph(
+        [node], "int8_rate", [helper.make_tensor_value_info("x", TensorProto.UINT8, [rows, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 4 * size])], inits,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the threads the backends are given
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"x": gen.integers(0, 256, (rows, size), dtype=np.uint8)}
+    session.run(None, feed)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * size * 4 * size / max(best, 1e-9)

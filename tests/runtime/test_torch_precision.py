@@ -14,8 +14,8 @@ from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime import cpu_features
-from bgeserve.runtime.cpu_features import cpu_has_native_bf16, matmul_rate
-from bgeserve.runtime.devices import auto_dtype, choose_cpu_dtype, resolve_dtype
+from bgeserve.runtime.cpu_features import cpu_has_native_bf16, int8_product_rate, matmul_rate
+from bgeserve.runtime.devices import INT8_NOTE_MIN_SPEEDUP, auto_dtype, choose_cpu_dtype, int8_note, resolve_dtype
 from bgeserve.runtime.torch_backend import TorchBackend
 
 CORPUS = sample_texts()
@@ -125,6 +125,27 @@ def test_auto_dtype_on_each_cpu_class(cpu_class):
     assert choice == cpu_class.auto_dtype and resolve_dtype("auto", "cpu") == choice
     speedup = cpu_class.bf16_rate / cpu_class.fp32_rate
     assert ("no native bf16" in why) if choice == "fp32" else (f"measured {speedup:.1f}x fp32" in why)
+    chosen_rate = cpu_class.bf16_rate if choice == "bf16" else cpu_class.fp32_rate
+    int8_speedup = cpu_class.int8_rate / chosen_rate
+    if int8_speedup >= INT8_NOTE_MIN_SPEEDUP:
+        assert f"int8 products measured {int8_speedup:.1f}x {choice} here: --backend onnx --dtype int8" in why
+    else:
+        assert "int8" not in why
+
+
+def test_int8_is_named_only_when_its_products_outrun_the_choice_and_never_chosen():
+    rates = {torch.float32: 100e9, torch.bfloat16: 400e9}
+    note = int8_note("bf16", rates.__getitem__, lambda: 1000e9)
+    assert note is not None and note.startswith("int8 products measured 2.5x bf16 here")
+    assert int8_note("bf16", rates.__getitem__, lambda: 500e9) is None  # 1.25x: within the start-up probe's noise
+    assert int8_note("fp32", rates.__getitem__, lambda: None) is None  # no onnxruntime: nothing measured
+    assert choose_cpu_dtype(True, rates.__getitem__)[0] == "bf16"  # whatever int8 measures
+
+
+def test_int8_product_rate_runs_the_int8_backends_kernel():
+    pytest.importorskip("onnxruntime")
+    rate = int8_product_rate(rows=8, size=64, repeats=1)
+    assert rate is not None and np.isfinite(rate) and rate > 0
 
 
 def test_auto_picks_bf16_on_cpu_only_when_native_and_measured_faster():
