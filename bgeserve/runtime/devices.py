@@ -63,10 +63,15 @@ BF16_MIN_SPEEDUP = 1.3
 INT8_NOTE_MIN_SPEEDUP = 1.3
 
 
+def canonical_dtype(dtype: str | None) -> str:
+    """bgeserve's spelling of a precision name (float32 -> fp32, bfloat16 -> bf16, ...); None -> auto."""
+    name = (dtype or "auto").strip().lower()
+    return _DTYPE_ALIASES.get(name, name)
+
+
 def resolve_dtype(dtype: str | None, device: str) -> str:
     """'auto' -> auto_dtype(device), logged with its reason; rejects precisions the device cannot run."""
-    name = (dtype or "auto").strip().lower()
-    name = _DTYPE_ALIASES.get(name, name)
+    name = canonical_dtype(dtype)
     if name == "auto":
         choice, why = auto_dtype(device)
         log.info("dtype auto -> %s on %s: %s", choice, device, why)

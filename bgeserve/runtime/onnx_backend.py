@@ -11,7 +11,7 @@ from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.errors import DeviceUnavailable
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.packed import PackedBatch
-from bgeserve.runtime.devices import resolve_device
+from bgeserve.runtime.devices import canonical_dtype, resolve_device
 from bgeserve.runtime.onnx_cache import ensure_onnx_model
 from bgeserve.runtime.onnx_export import COLBERT, HIDDEN, TOKEN_WEIGHTS, packed_inputs
 from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult
@@ -46,12 +46,11 @@ def _onnx_device(spec: str | None) -> str:
 def resolve_onnx_dtype(dtype: str | None, device: str) -> str:
     """'auto' -> fp32; fp32 anywhere, int8 on CPU. Anything else is a clear error, not a silent fp32."""
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    name = (dtype or "auto").strip().lower()
-    name = {"float32": "fp32", "qint8": "int8"}.get(name, name)
+    name = canonical_dtype(dtype)
     if name == "auto":
         return "fp32"
     if name not in _DTYPES[kind]:
-        hint = "use --backend torch for fp16/bf16" if name in ("fp16", "bf16", "float16", "bfloat16") else ""
+        hint = "use --backend torch for fp16/bf16" if name in ("fp16", "bf16") else ""
         raise ValueError(
             f"the onnx backend runs {' or '.join(_DTYPES[kind])} on {kind}, not {dtype!r}"
             + (f"; {hint}" if hint else "")
