@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -32,7 +33,8 @@ def build_then_rename(target: Path, build: Callable[[Path], object], done: str) 
     """`target`, built by `build(staging_dir)` and renamed into place unless it is there already.
 
     `done` names the file inside `target` that proves an entry complete. When two processes build at
-    once the first rename wins and the other's staging copy is dropped. A failed build leaves nothing.
+    once the first rename wins and the other's staging copy is dropped. A failed build leaves nothing, and
+    a `target` left without `done` (a removal cut short) is replaced.
     """
     if (target / done).exists():
         return target
@@ -40,19 +42,35 @@ def build_then_rename(target: Path, build: Callable[[Path], object], done: str) 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(staging)
-        # mkdtemp makes the directory private; a shared cache must be readable by every user.
-        staging.chmod(0o755)
-        for file in staging.rglob("*"):
-            file.chmod(0o755 if file.is_dir() else 0o644)
+        _share(staging)
         try:
             staging.rename(target)
         except OSError:
-            if not (target / done).exists():
-                raise
-            log.info("another process built %s first; using it", target)
+            if (target / done).exists():
+                log.info("another process built %s first; using it", target)
+            else:
+                _discard(target)
+                staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _share(staging: Path) -> None:
+    """mkdtemp makes the directory private; a cache entry gets the modes the user's umask gives new files.
+    Links are left alone (chmod would follow them out of the cache)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [staging, *staging.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _discard(target: Path) -> None:
+    """Moves an incomplete `target` aside (one rename, so a reader never sees it half removed), then deletes it."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale.", dir=target.parent))
+    target.rename(aside / target.name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def remove_other_keys(target: Path, key: str) -> None:

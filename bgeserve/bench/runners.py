@@ -9,6 +9,7 @@ against what people run today.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import numpy as np
 
 from bgeserve.bench.configs import BenchConfig
 from bgeserve.bench.measure import EncodeFn
-from bgeserve.cache_files import build_then_rename, stamp_key
+from bgeserve.cache_files import build_then_rename, remove_other_keys, stamp_key
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +256,8 @@ def _onnx_export(settings: RunSettings, quantized: bool) -> Path:
 
     model_dir = Path(settings.model_path)
     folder = export_folder(settings, "onnx-peer", [torch.__version__, transformers.__version__])
-    fp32_file = build_then_rename(folder / "fp32", lambda out: _export_fp32(model_dir, out / _PEER_FILE), _PEER_FILE)
-    fp32_file /= _PEER_FILE
+    fp32_dir = build_then_rename(folder / "fp32", lambda out: _export_fp32(model_dir, out / _PEER_FILE), _PEER_FILE)
+    fp32_file = fp32_dir / _PEER_FILE
     if not quantized:
         return fp32_file
     return build_then_rename(folder / "int8", lambda out: _quantize_dynamic(fp32_file, out), _PEER_FILE) / _PEER_FILE
@@ -277,9 +278,14 @@ def export_folder(settings: RunSettings, exporter: str, versions: list[str]) -> 
     exporting libraries' versions, so a changed checkpoint or library gets a fresh export."""
     model_dir = Path(settings.model_path)
     weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".bin", ".safetensors"))
-    key = stamp_key(weights, [str(model_dir.resolve()), *versions], length=16)
+    key = stamp_key(weights, versions, length=16)
     base = Path(settings.cache_dir) if settings.cache_dir else model_dir / ".bench-cache"
-    return base / exporter / key
+    # Named after this model directory, so that its exports under other keys (older weights or libraries,
+    # GBs for bge-m3) can be removed without touching other models' in a shared cache.
+    place = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:8]
+    folder = base / exporter / f"{model_dir.name}-{place}-{key}"
+    remove_other_keys(folder, key)
+    return folder
 
 
 def _export_fp32(model_dir: Path, out_file: Path) -> None:
