@@ -103,8 +103,9 @@ def auto_dtype(device: str) -> tuple[str, str]:
 def _cpu_auto_dtype() -> tuple[str, str]:
     # Cached: the measurement is of the machine, which does not change while the process runs (tests that
     # stand in another CPU's features and rates call cache_clear()).
-    choice, why = choose_cpu_dtype(cpu_features.cpu_has_native_bf16(), cpu_features.matmul_rate)
-    note = int8_note(choice, cpu_features.matmul_rate, cpu_features.int8_product_rate)
+    rate = functools.cache(cpu_features.matmul_rate)  # each precision measured once, for both uses
+    choice, why = choose_cpu_dtype(cpu_features.cpu_has_native_bf16(), rate)
+    note = int8_note(choice, rate, cpu_features.int8_product_rate)
     return choice, f"{why}; {note}" if note else why
 
 

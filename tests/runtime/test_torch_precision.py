@@ -139,13 +139,32 @@ def test_int8_is_named_only_when_its_products_outrun_the_choice_and_never_chosen
     assert note is not None and note.startswith("int8 products measured 2.5x bf16 here")
     assert int8_note("bf16", rates.__getitem__, lambda: 500e9) is None  # 1.25x: within the start-up probe's noise
     assert int8_note("fp32", rates.__getitem__, lambda: None) is None  # no onnxruntime: nothing measured
-    assert choose_cpu_dtype(True, rates.__getitem__)[0] == "bf16"  # whatever int8 measures
 
 
-def test_int8_product_rate_runs_the_int8_backends_kernel():
+def test_int8_product_rate_is_the_products_ops_over_its_best_timing(monkeypatch):
+    """The graph runs on this onnxruntime (untimed warm-up, then each repeat timed): 2 x 8 x 64 x 256 ops
+    over the best of the scripted 0.5, 0.25 and 0.4 s."""
     pytest.importorskip("onnxruntime")
-    rate = int8_product_rate(rows=8, size=64, repeats=1)
-    assert rate is not None and np.isfinite(rate) and rate > 0
+    pytest.importorskip("onnx")
+    clock = _ScriptedClock([0.5, 0.25, 0.4])
+    monkeypatch.setattr(cpu_features, "time", clock)
+    assert int8_product_rate(rows=8, size=64, repeats=3) == 2 * 8 * 64 * 256 / 0.25
+    assert clock.reads == 6
+
+
+def test_an_int8_kernel_that_cannot_run_costs_the_note_not_the_start(monkeypatch, simulate_cpu):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("Unsupported model IR version: 99, max supported IR version: 8")
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    assert int8_product_rate(rows=8, size=64) is None
+    simulate_cpu("zen5-avx512-bf16")
+    monkeypatch.setattr(cpu_features, "int8_product_rate", int8_product_rate)  # the real one, refused
+    choice, why = auto_dtype("cpu")
+    assert choice == "bf16" and "int8" not in why
 
 
 def test_auto_picks_bf16_on_cpu_only_when_native_and_measured_faster():
