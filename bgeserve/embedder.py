@@ -160,6 +160,8 @@ class Embedder:
         out: dict[str, Any] = {"dense_vecs": None, "lexical_weights": None, "colbert_vecs": None}
         if want.dense:
             dense = [it.dense for it in items if it.dense is not None]
+            if len(dense) != len(items):
+                raise RuntimeError("the backend left out dense vectors it was asked for")
             out["dense_vecs"] = np.stack(dense) if dense else np.zeros((0, self.hidden_size), np.float32)
         if want.sparse:
             weights = [it.lexical_weights or {} for it in items]

@@ -13,9 +13,11 @@ from bgeserve.errors import InvalidInput
 
 
 def check_batch_size(count: int, limit: int, what: str = "inputs", flag: str = "--max-client-batch-size") -> None:
-    """Rejects a request with more inputs than the route's limit (`flag` names the setting)."""
+    """Rejects a request with more inputs than the route's limit (`flag` names the setting); `what` names
+    the field when it is not the inputs."""
     if count > limit:
-        raise InvalidInput(f"{count} {what} in one request, more than the limit of {limit} ({flag}); split the request")
+        message = f"{count} {what} in one request, more than the limit of {limit} ({flag}); split the request"
+        raise InvalidInput(message, None if what == "inputs" else what)
 
 
 def check_dimensions(dimensions: int | None, hidden_size: int) -> None:

@@ -165,7 +165,9 @@ def test_timings_show_a_slow_backend_and_the_wait_behind_it(fake_checkpoint):
         assert await asyncio.to_thread(backend.entered.wait, 30)
         held_from = time.monotonic()  # the first forward pass has started by now
         second = asyncio.create_task(engine.encode(["second text here"], DENSE))
+        deadline = time.monotonic() + 30
         while not len(engine.batcher):  # the second input is queued by now
+            assert time.monotonic() < deadline, "the second input never reached the batcher"
             await asyncio.sleep(0.001)
         queued_by = time.monotonic()
         await asyncio.sleep(0.2)
