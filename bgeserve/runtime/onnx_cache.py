@@ -19,7 +19,7 @@ from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.runtime import onnx_export
 from bgeserve.runtime.cpu_features import cpu_has_vnni
 from bgeserve.runtime.onnx_export import EXPORTER_VERSION, MODEL_FILE, OPSET
-from bgeserve.runtime.onnx_int8 import quantize_int8
+from bgeserve.runtime.onnx_int8 import INT8_REWRITE, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,11 @@ def _source_files(checkpoint: Checkpoint) -> list[Path]:
     return files
 
 
-def cache_key(checkpoint: Checkpoint) -> str:
-    """Key of an export: source files' name + size + mtime, exporter and torch versions, opset."""
-    return stamp_key(_source_files(checkpoint), (EXPORTER_VERSION, torch.__version__, str(OPSET)))
+def cache_key(checkpoint: Checkpoint, rewrite: str = "") -> str:
+    """Key of an export: source files' name + size + mtime, exporter and torch versions, opset, and the
+    version of the rewrite made after export (int8), if any."""
+    parts = (EXPORTER_VERSION, torch.__version__, str(OPSET)) + ((rewrite,) if rewrite else ())
+    return stamp_key(_source_files(checkpoint), parts)
 
 
 def _writable_dir(path: Path) -> bool:
@@ -84,7 +86,7 @@ def ensure_onnx_model(
         raise ValueError(f"no ONNX export for dtype {dtype!r}: use {' or '.join(ONNX_DTYPES)}")
     signed = dtype == "int8" and (cpu_has_vnni() if signed_weights is None else signed_weights)
     variant = "fp32" if dtype == "fp32" else "int8s8" if signed else "int8u8"
-    key = cache_key(checkpoint)
+    key = cache_key(checkpoint, INT8_REWRITE if dtype == "int8" else "")
     target = cache_location(checkpoint, variant, cache_dir, key)
     if (target / MODEL_FILE).is_file():
         log.info("reusing ONNX export %s", target)

@@ -12,6 +12,9 @@ import numpy as np
 
 from bgeserve.runtime.onnx_export import EXPORTER_VERSION, save_with_one_data_file
 
+# Part of the int8 exports' cache key: a changed rewrite must not reuse the old one's exports.
+INT8_REWRITE = "rank1-correction"
+
 
 def quantize_int8(source: Path, path: Path, signed_weights: bool = False, keep_fp32: tuple[str, ...] = ()) -> Path:
     """Rewrites every encoder MatMul with a weight into int8: weights per output channel (symmetric),
@@ -115,8 +118,6 @@ def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool,
     else:
         w_q_name = const("w_q", (w_q.astype(np.int16) + 128).astype(np.uint8))
         w_zp = const("w_zp", np.array(128, np.uint8))
-    # The zero-point correction in output units: colsum(w_q)_n * w_scale_n.
-    col_sum = const("col_sum", (w_q.astype(np.int64).sum(axis=0, keepdims=True) * w_scale).astype(np.float32))
     w_scale_name = const("w_scale", w_scale.astype(np.float32))
     one = const("one", np.array(1, np.float32))
     zero, levels = const("zero", np.array(0, np.float32)), const("levels", np.array(255, np.float32))
@@ -147,9 +148,14 @@ def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool,
             [t("acc_f")],
             domain="com.microsoft",
         ),
-        oh.make_node("Mul", [t("zp"), col_sum], [t("offset")]),
-        oh.make_node("Sub", [t("acc_f"), t("offset")], [t("centred")]),
-        oh.make_node("Mul", [t("centred"), t("scale")], [y2]),
+    ]
+    # The zero-point correction, y = s_m * acc_mn - (s_m z_m) * colsum(w)_n, as one rank-1 Gemm that adds
+    # into the scaled product: two passes over the [rows, N] result where a Mul, a Sub and a Mul took three.
+    neg_col_sum = -(w_q.astype(np.int64).sum(axis=0, keepdims=True) * w_scale).astype(np.float32)
+    nodes += [
+        oh.make_node("Mul", [t("acc_f"), t("scale")], [t("scaled")]),
+        oh.make_node("Mul", [t("zp"), t("scale")], [t("zs")]),
+        oh.make_node("Gemm", [t("zs"), const("neg_col_sum", neg_col_sum), t("scaled")], [y2]),
     ]
     if not rows:
         nodes += [
