@@ -7,7 +7,9 @@ They sit below everything (api, engine, runtime and models all import them, and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -42,6 +44,18 @@ class ItemOutput:
     lexical_weights: dict[str, float] | None = None  # token id (decimal str) -> weight
     colbert: np.ndarray | None = None  # [num_tokens - 1, hidden] float32
     token_embeddings: np.ndarray | None = None  # [num_tokens, hidden] float32
+
+
+T = TypeVar("T")
+
+
+def asked(values: Sequence[T | None]) -> list[T]:
+    """One output of every item, where the caller asked for it: the backends always fill what was asked,
+    so a None is a bug upstream, never the client's error."""
+    present = [v for v in values if v is not None]
+    if len(present) != len(values):
+        raise RuntimeError("the backend left out an output it was asked for")
+    return present
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bgeserve import scoring
-from bgeserve.core import BackendOptions, ItemOutput, OutputRequest
+from bgeserve.core import BackendOptions, ItemOutput, OutputRequest, asked
 from bgeserve.engine.batching import plan_batches
 from bgeserve.errors import InvalidInput
 from bgeserve.models.checkpoint import load_checkpoint
@@ -159,9 +159,7 @@ class Embedder:
         items = self.embed_ids(ids, want, batch_size, show_progress_bar)
         out: dict[str, Any] = {"dense_vecs": None, "lexical_weights": None, "colbert_vecs": None}
         if want.dense:
-            dense = [it.dense for it in items if it.dense is not None]
-            if len(dense) != len(items):
-                raise RuntimeError("the backend left out dense vectors it was asked for")
+            dense = asked([it.dense for it in items])
             out["dense_vecs"] = np.stack(dense) if dense else np.zeros((0, self.hidden_size), np.float32)
         if want.sparse:
             weights = [it.lexical_weights or {} for it in items]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bgeserve.core import ItemOutput
+from bgeserve.core import ItemOutput, asked
 from bgeserve.engine.engine import EncodeResult
 from bgeserve.errors import InvalidInput
 
@@ -35,11 +35,7 @@ def check_prompt_name(prompt_name: str | None) -> None:
 
 def dense_matrix(outputs: Sequence[ItemOutput], dimensions: int | None, normalize: bool) -> np.ndarray:
     """Dense vectors as one [n, d] float32 array, cut to `dimensions` and re-normalised if asked."""
-    vectors = []
-    for output in outputs:
-        assert output.dense is not None  # every caller asked the engine for dense
-        vectors.append(output.dense)
-    matrix = np.stack(vectors).astype(np.float32, copy=False)
+    matrix = np.stack(asked([output.dense for output in outputs])).astype(np.float32, copy=False)
     if dimensions is not None and dimensions < matrix.shape[1]:
         matrix = matrix[:, :dimensions]
         if normalize:

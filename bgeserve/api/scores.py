@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
 
 import numpy as np
 
-from bgeserve.core import ItemOutput
+from bgeserve.core import ItemOutput, asked
 from bgeserve.errors import InvalidInput
 from bgeserve.scoring import pair_scores
-
-T = TypeVar("T")
 
 
 def check_weights(weights: Sequence[float] | None) -> None:
@@ -30,7 +27,7 @@ def _weights_error(message: str) -> InvalidInput:
 
 def dense_scores(queries: Sequence[ItemOutput], passages: Sequence[ItemOutput]) -> list[float]:
     """Inner products of the (normalised) dense vectors, pair by pair."""
-    q_dense, p_dense = _asked([q.dense for q in queries]), _asked([p.dense for p in passages])
+    q_dense, p_dense = asked([q.dense for q in queries]), asked([p.dense for p in passages])
     return [float(np.dot(q, p)) for q, p in zip(q_dense, p_dense, strict=True)]
 
 
@@ -40,16 +37,9 @@ def hybrid_scores(
     """The five lists of FlagEmbedding's compute_score for query/passage pairs."""
     check_weights(weights)
     return pair_scores(
-        dense=(_asked([q.dense for q in queries]), _asked([p.dense for p in passages])),
-        lexical=(_asked([q.lexical_weights for q in queries]), _asked([p.lexical_weights for p in passages])),
-        colbert=(_asked([q.colbert for q in queries]), _asked([p.colbert for p in passages])),
+        dense=(asked([q.dense for q in queries]), asked([p.dense for p in passages])),
+        lexical=(asked([q.lexical_weights for q in queries]), asked([p.lexical_weights for p in passages])),
+        colbert=(asked([q.colbert for q in queries]), asked([p.colbert for p in passages])),
         weights=weights,
     )
 
-
-def _asked(values: Sequence[T | None]) -> list[T]:
-    """Outputs the routes asked the engine for, so never None; a None is a bug, not a client's error."""
-    present = [v for v in values if v is not None]
-    if len(present) != len(values):
-        raise RuntimeError("the engine left out an output it was asked for")
-    return present

@@ -29,7 +29,7 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from bgeserve.core import ItemOutput, OutputRequest
+from bgeserve.core import ItemOutput, OutputRequest, asked
 from bgeserve.ray.corpus_files import (
     CorpusError,
     CorpusFile,
@@ -72,12 +72,16 @@ class CorpusJobOptions:
     block_rows: int | None = None
     progress: bool = True
 
+    @property
+    def rows_per_block(self) -> int:
+        """`block_rows`, or its default of 4 x batch_size."""
+        return 4 * self.batch_size if self.block_rows is None else self.block_rows
+
     def __post_init__(self) -> None:
-        if self.block_rows is None:
-            object.__setattr__(self, "block_rows", 4 * self.batch_size)
-        for name in ("batch_size", "max_batch_tokens", "block_rows"):
+        for name in ("batch_size", "max_batch_tokens", "rows_per_block"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+                raise ValueError(f"{name.replace('rows_per_block', 'block_rows')} must be at least 1, "
+                                 f"not {getattr(self, name)}")
         if not (self.dense or self.sparse or self.colbert):
             raise ValueError("ask for at least one output: dense, sparse or colbert")
         if self.threads is not None and self.threads < 1:
@@ -162,8 +166,7 @@ class CorpusJob:
         if opts.max_length is not None and opts.max_length < checkpoint.tokenizer.shortest_input:
             raise ValueError(f"max_length must be at least {checkpoint.tokenizer.shortest_input} for this model "
                              f"(its special tokens and one more), not {opts.max_length}")
-        assert opts.block_rows is not None  # __post_init__ sets the default
-        files = plan_files(find_inputs(input_glob), output_dir.resolve(), opts.text_column, opts.block_rows)
+        files = plan_files(find_inputs(input_glob), output_dir.resolve(), opts.text_column, opts.rows_per_block)
         pending = [f for f in files if not is_complete(f)]
         skipped = len(files) - len(pending)
         for file in pending:
@@ -229,12 +232,11 @@ class CorpusJob:
         pool = ray.data.ActorPoolStrategy(size=low) if low == high else ray.data.ActorPoolStrategy(
             min_size=low, max_size=high
         )
-        assert opts.block_rows is not None  # __post_init__ sets the default
-        source = CorpusSource(files, opts.text_column, opts.block_rows)
+        source = CorpusSource(files, opts.text_column, opts.rows_per_block)
         return (
             ray.data.read_datasource(source, override_num_blocks=source.tasks, num_cpus=opts.tokenize_num_cpus)
             .map_batches(
-                tokenize, batch_size=opts.block_rows, fn_kwargs={"model": model, "max_length": opts.max_length},
+                tokenize, batch_size=opts.rows_per_block, fn_kwargs={"model": model, "max_length": opts.max_length},
                 num_cpus=opts.tokenize_num_cpus, udf_modifying_row_count=False,
             )
             .map_batches(
@@ -348,10 +350,7 @@ def part_table(rows: np.ndarray, outputs: list[ItemOutput], want: OutputRequest,
 
     columns: dict[str, pa.Array] = {"_row": pa.array(rows, pa.int64())}
     if want.dense:
-        vectors = []
-        for o in outputs:
-            assert o.dense is not None  # the actors computed what `want` asks for
-            vectors.append(o.dense)
+        vectors = asked([o.dense for o in outputs])
         flat = np.stack(vectors).astype(np.float32).ravel() if vectors else np.zeros(0, np.float32)
         columns["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), hidden)
     if want.sparse:
