@@ -62,14 +62,19 @@ def matmul_rate(dtype: torch.dtype, rows: int = 256, size: int = 1024, repeats: 
         # Without a oneDNN kernel for this dtype here, torch's default one is what runs.
         with contextlib.suppress(RuntimeError):
             run = PackedWeightLinear(linear)
-    best = float("inf")
     with torch.inference_mode():
-        run(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(x)
-            best = min(best, time.perf_counter() - start)
-    return 2 * rows * size * 4 * size / max(best, 1e-9)
+        return 2 * rows * size * 4 * size / _best_seconds(lambda: run(x), repeats)
+
+
+def _best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `run`, after one untimed warm-up call."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
 
 
 def int8_product_rate(rows: int = 256, size: int = 1024, repeats: int = 3) -> float | None:
@@ -91,11 +96,10 @@ def _timed_int8_product(rows: int, size: int, repeats: int) -> float:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    signed = cpu_has_vnni()
+    from bgeserve.runtime.onnx_int8 import stored_weights
+
     gen = np.random.default_rng(0)
-    weight = gen.integers(-127, 128, (size, 4 * size), dtype=np.int16)
-    weight = weight.astype(np.int8) if signed else (weight + 128).astype(np.uint8)
-    zero_point = np.array(0, np.int8) if signed else np.array(128, np.uint8)
+    weight, zero_point = stored_weights(gen.integers(-127, 128, (size, 4 * size)).astype(np.int8), cpu_has_vnni())
     inits = [
         numpy_helper.from_array(weight, "w"),
         numpy_helper.from_array(np.array(1, np.float32), "a_scale"),
@@ -115,10 +119,4 @@ def _timed_int8_product(rows: int, size: int, repeats: int) -> float:
     options.intra_op_num_threads = torch.get_num_threads()  # the threads the backends are given
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = {"x": gen.integers(0, 256, (rows, size), dtype=np.uint8)}
-    session.run(None, feed)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        best = min(best, time.perf_counter() - start)
-    return 2 * rows * size * 4 * size / max(best, 1e-9)
+    return 2 * rows * size * 4 * size / _best_seconds(lambda: session.run(None, feed), repeats)

@@ -92,6 +92,14 @@ def _is_head(node_name: str) -> bool:
     return "sparse_linear" in node_name or "colbert_linear" in node_name
 
 
+def stored_weights(w_q: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weights as the graph stores them, with their zero point: s8 around 0 (VNNI / AMX), or u8
+    around 128 (what AVX2 multiplies without saturating)."""
+    if signed:
+        return w_q, np.array(0, np.int8)
+    return (w_q.astype(np.int16) + 128).astype(np.uint8), np.array(128, np.uint8)
+
+
 def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool, inits: list, rows: bool) -> list:
     """Nodes computing y = x @ w (x [..., K], w [K, N]) with per-token u8 x and per-channel int8 w.
 
@@ -113,11 +121,8 @@ def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool,
     def t(name: str) -> str:
         return f"{prefix}/{name}"
 
-    if signed:
-        w_q_name, w_zp = const("w_q", w_q), const("w_zp", np.array(0, np.int8))
-    else:
-        w_q_name = const("w_q", (w_q.astype(np.int16) + 128).astype(np.uint8))
-        w_zp = const("w_zp", np.array(128, np.uint8))
+    stored, zero_point = stored_weights(w_q, signed)
+    w_q_name, w_zp = const("w_q", stored), const("w_zp", zero_point)
     w_scale_name = const("w_scale", w_scale.astype(np.float32))
     one = const("one", np.array(1, np.float32))
     zero, levels = const("zero", np.array(0, np.float32)), const("levels", np.array(255, np.float32))
