@@ -13,7 +13,9 @@ import numpy as np
 from bgeserve.runtime.onnx_export import EXPORTER_VERSION, save_with_one_data_file
 
 # Part of the int8 exports' cache key: a changed rewrite must not reuse the old one's exports.
-INT8_REWRITE = "rank1-correction"
+INT8_REWRITE = "in-product-correction"
+# The int8 kernels take K in blocks: the correction rows pad each product's K to a multiple of this.
+K_BLOCK = 16
 
 
 def quantize_int8(source: Path, path: Path, signed_weights: bool = False, keep_fp32: tuple[str, ...] = ()) -> Path:
@@ -23,9 +25,10 @@ def quantize_int8(source: Path, path: Path, signed_weights: bool = False, keep_f
     Why not `onnxruntime.quantization.quantize_dynamic`: it quantises activations with one range per
     tensor, which on the real all-MiniLM-L6-v2 keeps a minimum dense cosine of only ~0.966 vs fp32 over
     bgeserve/data/mixed.txt (per-token ranges: >= 0.995). onnxruntime's MatMulInteger takes only a
-    scalar activation zero point, so the per-token zero points are applied afterwards:
-    sum_k (q_mk - z_m) w_kn = (q @ w)_mn - z_m * colsum(w)_n. `signed_weights` stores the weights as
-    s8 (fast on VNNI CPUs), else as u8 with zero point 128 (exact on AVX2, whose u8 x s8 saturates).
+    scalar activation zero point, so the per-token zero points are corrected for separately:
+    sum_k (q_mk - z_m) w_kn = (q @ w)_mn - z_m * colsum(w)_n, inside the product where that pays (see
+    `correction_rows`), else after it. `signed_weights` stores the weights as s8 (fast on VNNI CPUs),
+    else as u8 with zero point 128 (exact on AVX2, whose u8 x s8 saturates).
 
     The word-embedding table and the small sparse / ColBERT heads stay fp32: the heads cost nothing and
     the sparse weights are the output most hurt by int8. `keep_fp32`: more node-name parts to leave fp32.
@@ -100,12 +103,33 @@ def stored_weights(w_q: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarra
     return (w_q.astype(np.int16) + 128).astype(np.uint8), np.array(128, np.uint8)
 
 
+def correction_rows(w_q: np.ndarray, block: int = K_BLOCK) -> np.ndarray | None:
+    """Extra int8 weight rows [J, N] whose sum, column by column, is -colsum(w_q): appended to the weights,
+    with J copies of each row's activation zero point z_m appended to its codes, the int8 product itself
+    subtracts z_m * colsum(w_q)_n, exactly, in its int32 accumulator. J is the fewest rows that hold
+    max |colsum| at 127 a row, rounded up so that K + J is a multiple of `block`.
+
+    None where that does not pay: for products with fewer outputs than inputs (the feed-forward's second
+    product), the codes' Concat costs more than the [rows, N] correction pass it saves, and where J would
+    exceed K / 8 the longer product does."""
+    k, n = w_q.shape
+    col_sum = w_q.astype(np.int64).sum(axis=0)
+    needed = max(1, -(-int(np.abs(col_sum).max()) // 127))
+    rows = -(-(k + needed) // block) * block - k
+    if n < k or rows > k // 8:
+        return None
+    # Spread each column's sum evenly: every piece lies within [-127, 127] because rows >= needed.
+    base, extra = np.divmod(-col_sum, rows)
+    return (base[None, :] + (np.arange(rows)[:, None] < extra[None, :])).astype(np.int8)
+
+
 def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool, inits: list, rows: bool) -> list:
     """Nodes computing y = x @ w (x [..., K], w [K, N]) with per-token u8 x and per-channel int8 w.
 
     `rows`: x is already [tokens, K] (a Gemm's input), so no reshapes around the product; on a short
-    query such small nodes cost about as much as the products. (A symmetric range per row, zero point
-    fixed at 128, would drop the zero-point correction too, but costs MiniLM's min cosine 0.995 -> 0.989.)
+    query such small nodes cost about as much as the products, which is also why the per-row range
+    arithmetic below is kept to as few nodes as it can be. (A symmetric range per row, zero point fixed at
+    128, would drop the zero-point correction too, but costs MiniLM's min cosine 0.995 -> 0.989.)
     """
     from onnx import TensorProto, numpy_helper
     from onnx import helper as oh
@@ -121,47 +145,61 @@ def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool,
     def t(name: str) -> str:
         return f"{prefix}/{name}"
 
-    stored, zero_point = stored_weights(w_q, signed)
+    extra = correction_rows(w_q)
+    stored, zero_point = stored_weights(w_q if extra is None else np.concatenate([w_q, extra]), signed)
     w_q_name, w_zp = const("w_q", stored), const("w_zp", zero_point)
     w_scale_name = const("w_scale", w_scale.astype(np.float32))
-    one = const("one", np.array(1, np.float32))
     zero, levels = const("zero", np.array(0, np.float32)), const("levels", np.array(255, np.float32))
-    tiny, flat = const("tiny", np.array(1e-12, np.float32)), const("flat", np.array([-1], np.int64))
+    tiny, column = const("tiny", np.array(1e-12, np.float32)), const("column", np.array([1], np.int64))
     nodes = [] if rows else [oh.make_node("Reshape", [x, const("rows", np.array([-1, k], np.int64))], [t("x2")])]
     x2, y2 = (x, y) if rows else (t("x2"), t("y2"))
     nodes += [
-        oh.make_node("ReduceMax", [x2], [t("max")], axes=[1], keepdims=1),
-        oh.make_node("ReduceMin", [x2], [t("min")], axes=[1], keepdims=1),
-        # The range always holds 0 so that zero (e.g. after ReLU-like activations) is exact.
-        oh.make_node("Max", [t("max"), zero], [t("hi")]),
+        # Per-row ranges as [rows] vectors, the shape QuantizeLinear's per-row scale and zero point take.
+        oh.make_node("ReduceMax", [x2], [t("max")], axes=[1], keepdims=0),
+        oh.make_node("ReduceMin", [x2], [t("min")], axes=[1], keepdims=0),
+        # The range always holds 0, so that zero (e.g. after ReLU-like activations) is exact; its top is
+        # at least `tiny`, so that the scale of an all-zero row is not 0.
+        oh.make_node("Max", [t("max"), tiny], [t("hi")]),
         oh.make_node("Min", [t("min"), zero], [t("lo")]),
         oh.make_node("Sub", [t("hi"), t("lo")], [t("range")]),
-        oh.make_node("Div", [t("range"), levels], [t("scale0")]),
-        oh.make_node("Max", [t("scale0"), tiny], [t("scale")]),
+        oh.make_node("Div", [t("range"), levels], [t("scale")]),
         oh.make_node("Neg", [t("lo")], [t("neg_lo")]),
         oh.make_node("Div", [t("neg_lo"), t("scale")], [t("zp_raw")]),
         oh.make_node("Round", [t("zp_raw")], [t("zp")]),
-        oh.make_node("Reshape", [t("scale"), flat], [t("scale_1d")]),
-        oh.make_node("Reshape", [t("zp"), flat], [t("zp_1d")]),
-        oh.make_node("Cast", [t("zp_1d")], [t("zp_u8")], to=TensorProto.UINT8),
-        oh.make_node("QuantizeLinear", [x2, t("scale_1d"), t("zp_u8")], [t("x_q")], axis=0),
-        # onnxruntime's fused int8 GEMM with the weight scales applied in its epilogue; the activation
-        # scale passed is 1 because it differs per row and is applied below.
-        oh.make_node(
-            "MatMulIntegerToFloat",
-            [t("x_q"), w_q_name, one, w_scale_name, "", w_zp],
-            [t("acc_f")],
-            domain="com.microsoft",
-        ),
+        oh.make_node("Cast", [t("zp")], [t("zp_u8")], to=TensorProto.UINT8),
+        oh.make_node("QuantizeLinear", [x2, t("scale"), t("zp_u8")], [t("x_q")], axis=0),
+        # [rows, 1]: the product scales its output by a per-row activation scale of this shape.
+        oh.make_node("Unsqueeze", [t("scale"), column], [t("row_scale")]),
     ]
-    # The zero-point correction, y = s_m * acc_mn - (s_m z_m) * colsum(w)_n, as one rank-1 Gemm that adds
-    # into the scaled product: two passes over the [rows, N] result where a Mul, a Sub and a Mul took three.
-    neg_col_sum = -(w_q.astype(np.int64).sum(axis=0, keepdims=True) * w_scale).astype(np.float32)
-    nodes += [
-        oh.make_node("Mul", [t("acc_f"), t("scale")], [t("scaled")]),
-        oh.make_node("Mul", [t("zp"), t("scale")], [t("zs")]),
-        oh.make_node("Gemm", [t("zs"), const("neg_col_sum", neg_col_sum), t("scaled")], [y2]),
-    ]
+    if extra is not None:
+        # y = s_m * sum_k (q_mk - z_m) w_kn in one product: J copies of z_m after the codes meet the
+        # correction rows after the weights (see correction_rows).
+        nodes += [
+            oh.make_node("Unsqueeze", [t("zp_u8"), column], [t("zp_col")]),
+            oh.make_node("Tile", [t("zp_col"), const("copies", np.array([1, len(extra)], np.int64))], [t("zp_cols")]),
+            oh.make_node("Concat", [t("x_q"), t("zp_cols")], [t("x_aug")], axis=1),
+            oh.make_node(
+                "MatMulIntegerToFloat",
+                [t("x_aug"), w_q_name, t("row_scale"), w_scale_name, "", w_zp],
+                [y2],
+                domain="com.microsoft",
+            ),
+        ]
+    else:
+        # The correction after the product, y = s_m * acc_mn - (s_m z_m) * colsum(w)_n, as one rank-1
+        # Gemm that adds into the scaled product.
+        neg_col_sum = -(w_q.astype(np.int64).sum(axis=0, keepdims=True) * w_scale).astype(np.float32)
+        nodes += [
+            oh.make_node(
+                "MatMulIntegerToFloat",
+                [t("x_q"), w_q_name, t("row_scale"), w_scale_name, "", w_zp],
+                [t("scaled")],
+                domain="com.microsoft",
+            ),
+            oh.make_node("Unsqueeze", [t("zp"), column], [t("zp_col")]),
+            oh.make_node("Mul", [t("zp_col"), t("row_scale")], [t("zs")]),
+            oh.make_node("Gemm", [t("zs"), const("neg_col_sum", neg_col_sum), t("scaled")], [y2]),
+        ]
     if not rows:
         nodes += [
             oh.make_node("Shape", [x], [t("lead")], start=0, end=-1),

@@ -182,7 +182,8 @@ def test_int8_weights_are_int8(m3_checkpoint, onnx_cache, signed):
     fp32_ops = [n.op_type for n in onnx.load(str(fp32), load_external_data=False).graph.node]
     # torch exports the packed [tokens, hidden] projections as Gemm (x @ W^T + b): all 8 are rewritten.
     linear = fp32_ops.count("Gemm") + fp32_ops.count("MatMul")
-    # Each product's zero-point correction is one rank-1 Gemm (a [rows, 1] x [1, N] outer product added in).
+    # Each product's zero-point correction: products this small (K = 32) take the rank-1 Gemm after the
+    # product (a [rows, 1] x [1, N] outer product added in), not rows inside it (see test_onnx_int8).
     corrections = [n for n in graph.node if n.op_type == "Gemm" and n.input[1].endswith("/neg_col_sum")]
     assert len(corrections) == 8
     assert linear - (ops.count("Gemm") - len(corrections) + ops.count("MatMul")) == 8
