@@ -70,8 +70,9 @@ class PackedBatch:
         return self.pad(torch.ones_like(self.ids), 0)
 
     def gather_index(self) -> torch.Tensor:
-        """[B, max_len]: for each padded slot the packed row it takes, T (one past the end) where none."""
-        return self.pad(torch.arange(len(self.ids), device=self.ids.device), len(self.ids))
+        """[B, max_len]: for each padded slot the packed row it takes; row 0 where the slot is padding (any
+        real row does: the key mask hides it, and what a padding slot's query computes is never read)."""
+        return self.pad(torch.arange(len(self.ids), device=self.ids.device), 0)
 
     def scatter_index(self) -> torch.Tensor:
         """[T]: each packed row's place in the flattened [B * max_len] padded layout."""
@@ -130,10 +131,8 @@ def gathered_attention(
     attend: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """The padded layout given as tensors (see PackedBatch), so that it also traces into an ONNX graph: packed
-    [T, 3, heads, head_dim] -> padded [B, S, 3, hidden] -> `attend` (masked attention, -> [B, S, hidden]) ->
-    packed [T, hidden]. Padding costs attention FLOPs here, not projection ones."""
-    rows = qkv.reshape(qkv.shape[0], -1)
-    rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row T: what padded slots read
-    batch, width = gather_index.shape
-    ctx = attend(rows[gather_index].view(batch, width, 3, -1))
-    return ctx.reshape(batch * width, -1)[scatter_index]
+    [T, 3, heads, head_dim] -> padded [B, S, 3 * hidden] (q, k, v side by side) -> `attend` (masked
+    attention, -> [B, S, hidden]) -> packed [T, hidden]. Padding costs attention FLOPs here, not projection
+    ones."""
+    # flatten, not reshape by traced sizes: one graph node each, no shape arithmetic around it.
+    return attend(qkv.flatten(1)[gather_index]).flatten(0, 1)[scatter_index]

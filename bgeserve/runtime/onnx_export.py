@@ -40,7 +40,7 @@ from bgeserve.models.packed import PackedBatch, gathered_attention
 log = logging.getLogger(__name__)
 
 # Bump whenever the exported graph changes (outputs, ops, quantisation recipe): old caches are ignored.
-EXPORTER_VERSION = "bgeserve-onnx-5-fused-attention"
+EXPORTER_VERSION = "bgeserve-onnx-6-lean-attention-layout"
 OPSET = 17
 INPUT_NAMES = ("input_ids", "position_ids", "gather_index", "attention_mask", "scatter_index")
 # Exported graph outputs; the sparse and ColBERT ones only when the checkpoint has those heads.
@@ -81,6 +81,7 @@ class ExportGraph(nn.Module):
             key_padding=key_padding,
             scatter_index=scatter_index,
             heads=self.model.encoder.cfg.num_heads,
+            hidden=self.model.encoder.cfg.hidden_size,
         )
         hidden = self.model.encoder.encode_tokens(input_ids, position_ids, attend)
         outputs = [hidden]
@@ -112,14 +113,21 @@ class _MultiHeadAttention(torch.autograd.Function):
 
 
 def multi_head_attention(
-    qkv: torch.Tensor, gather_index: torch.Tensor, key_padding: torch.Tensor, scatter_index: torch.Tensor, heads: int
+    qkv: torch.Tensor,
+    gather_index: torch.Tensor,
+    key_padding: torch.Tensor,
+    scatter_index: torch.Tensor,
+    heads: int,
+    hidden: int,
 ) -> torch.Tensor:
     """models.packed.gathered_attention around onnxruntime's fused attention. `key_padding` is the [B, S]
-    int32 mask (1 = a token). `heads` comes from the config, not from a traced shape: the exporter takes an
-    attribute only from a plain Python value."""
+    int32 mask (1 = a token). `heads` and `hidden` come from the config, not from traced shapes: the exporter
+    takes an attribute or a constant split only from plain Python values."""
 
     def fused(padded: torch.Tensor) -> torch.Tensor:
-        return _MultiHeadAttention.apply(*padded.unbind(2), key_padding, heads)
+        # One Split of the [B, S, 3 * hidden] rows into q, k, v, by sizes known at export (no shape
+        # arithmetic in the graph), and no Squeeze or Reshape per tensor.
+        return _MultiHeadAttention.apply(*padded.split([hidden] * 3, dim=-1), key_padding, heads)
 
     return gathered_attention(qkv, gather_index, scatter_index, fused)
 
