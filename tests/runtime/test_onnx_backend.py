@@ -205,6 +205,29 @@ def test_attention_is_one_fused_node_per_layer(m3_checkpoint, onnx_cache):
             assert heads == ckpt.config.num_heads
 
 
+def test_encoder_graph_has_no_shape_arithmetic(m3_checkpoint, onnx_cache):
+    """What computes the last hidden state is projections, attention, norms and the packed layout's gathers:
+    no Shape / Concat / Squeeze chains (each a node onnxruntime runs per layer, costly on a short query)
+    and no Cast except the attention mask's one."""
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    graph = onnx.load(str(exports.ensure_onnx_model(ckpt, "fp32", onnx_cache)), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    seen, todo = set(), ["last_hidden_state"]
+    while todo:
+        node = producer.get(todo.pop())
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            todo.extend(node.input)
+    ops = [node.op_type for node in graph.node if id(node) in seen and node.op_type != "Constant"]
+    assert not {"Shape", "Concat", "Squeeze", "Unsqueeze", "ConstantOfShape"} & set(ops)
+    assert [n.input[0] for n in graph.node if id(n) in seen and n.op_type == "Cast"] == ["attention_mask"]
+    layers = ckpt.config.num_layers
+    # Per layer: one constant Reshape of the fused projection, one Split into q, k, v, and the two gathers
+    # (with their flattens) between the packed and the padded layout.
+    assert (ops.count("Reshape"), ops.count("Split"), ops.count("Flatten")) == (layers, layers, 2 * layers)
+    assert ops.count("Gather") == 2 * layers + 2  # + the word and position embeddings
+
+
 @pytest.mark.slow
 def test_int8_keeps_minilm_dense_fidelity(minilm_path, onnx_cache, int8_weights):
     """The issue's bar on real weights: min dense cosine >= 0.995 vs fp32 over the bundled corpus."""
