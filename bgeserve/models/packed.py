@@ -124,6 +124,27 @@ def padded_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     return gathered_attention(qkv, batch.gather_index(), batch.scatter_index(), sdpa)
 
 
+# Where attention runs in the padded [B, S] layout, a group of sequences ends before one shorter than this
+# share of the group's longest: attention then costs at most 4x its padding-free work per sequence. Tighter
+# shares (2/3, 3/4) cut batches of moderately mixed lengths too, and the smaller products lost as much as
+# the attention saved (measured on the int8 graph, BENCHMARKS.md run 14).
+ATTENTION_GROUP_SHARE = 0.5
+
+
+def attention_groups(lengths: list[int], share: float = ATTENTION_GROUP_SHARE) -> list[list[int]]:
+    """Indices of `lengths` in groups of similar length, longest first, each group ending before a length
+    under `share` of its first. A batch planned by token budget can hold one 500-token text with 31 of 30
+    tokens: padded together, attention would do ~16x the work of the real sequences, which packed projections
+    do not make up for."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for index in order:
+        if not groups or lengths[index] < share * lengths[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(index)
+    return groups
+
+
 def gathered_attention(
     qkv: torch.Tensor,
     gather_index: torch.Tensor,

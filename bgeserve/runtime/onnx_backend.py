@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from bgeserve.core import BackendOptions, OutputRequest
+from bgeserve.core import BackendOptions, ItemOutput, OutputRequest
 from bgeserve.errors import DeviceUnavailable
 from bgeserve.models.checkpoint import Checkpoint
-from bgeserve.models.packed import PackedBatch
+from bgeserve.models.packed import PackedBatch, attention_groups
 from bgeserve.runtime.devices import canonical_dtype, resolve_device
 from bgeserve.runtime.onnx_cache import ensure_onnx_model
 from bgeserve.runtime.onnx_export import COLBERT, HIDDEN, TOKEN_WEIGHTS, packed_inputs
@@ -107,6 +107,17 @@ class OnnxBackend(PackedBackend):
             )
         device_id = int(self.device.split(":", 1)[1]) if ":" in self.device else 0
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+
+    def run(self, batch: list[list[int]], want: OutputRequest) -> list[ItemOutput]:
+        """PackedBackend.run on each group of similar lengths (models.packed.attention_groups) in turn: the
+        graph's attention runs in the padded layout, so one long text must not pad a batch of short ones."""
+        groups = attention_groups([len(seq) for seq in batch])
+        if len(groups) <= 1:
+            return super().run(batch, want)
+        items: dict[int, ItemOutput] = {}
+        for group in groups:
+            items.update(zip(group, super().run([batch[i] for i in group], want), strict=True))
+        return [items[i] for i in range(len(batch))]
 
     def _forward(self, batch: list[list[int]], want: OutputRequest) -> tuple[PackedBatch, PackedResult]:
         packed = PackedBatch.from_sequences(batch)

@@ -10,7 +10,7 @@ from bgeserve.core import OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
-from bgeserve.models.packed import PackedBatch, padded_attention, per_sequence_attention
+from bgeserve.models.packed import PackedBatch, attention_groups, padded_attention, per_sequence_attention
 from bgeserve.runtime.torch_backend import TorchBackend
 
 TEXTS = sample_texts()[:24]
@@ -114,3 +114,11 @@ def test_backend_packed_outputs_equal_padded(which, m3_checkpoint, minilm_path):
             np.testing.assert_allclose(list(b.lexical_weights.values()), list(a.lexical_weights.values()), atol=1e-5)
             assert b.colbert.shape == (a.num_tokens - 1, a.colbert.shape[1])
             np.testing.assert_allclose(b.colbert, a.colbert, atol=1e-5)
+
+
+def test_attention_groups_split_where_lengths_halve():
+    # Longest first; a group ends before a length under half of its first (51 stays with 100, 40 does not).
+    assert attention_groups([5, 100, 40, 60, 51, 3]) == [[1, 3, 4], [2], [0, 5]]
+    assert attention_groups([7, 7, 7]) == [[0, 1, 2]]
+    assert attention_groups([]) == []
+    assert attention_groups([10, 8, 7], share=0.75) == [[0, 1], [2]]

@@ -122,6 +122,29 @@ def test_model_without_heads_says_so(minilm_path, onnx_cache):
     assert backend.run([], OutputRequest()) == []
 
 
+def test_one_long_text_runs_apart_from_short_ones(m3_checkpoint, onnx_cache, monkeypatch):
+    """The graph pads attention to a batch's longest sequence: a batch mixing one long text with short ones
+    runs as groups of similar lengths, with each result in its place and equal to running the text alone."""
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    backend = OnnxBackend(ckpt, cache_dir=onnx_cache)
+    long_text = " ".join(sample_texts()[:12])
+    batch = ckpt.tokenizer.encode(["a short one", long_text, "another short text", "the third"], max_length=256).ids
+    assert len(batch[1]) > 4 * max(len(batch[i]) for i in (0, 2, 3))
+    forwards: list[list[int]] = []
+    forward = backend._forward
+
+    def counted(sequences, want):  # noqa: ANN001, ANN202
+        forwards.append([len(s) for s in sequences])
+        return forward(sequences, want)
+
+    monkeypatch.setattr(backend, "_forward", counted)
+    grouped = backend.run(batch, ALL)
+    assert forwards == [[len(batch[1])], sorted((len(batch[i]) for i in (0, 2, 3)), reverse=True)]
+    alone = [backend.run([seq], ALL)[0] for seq in batch]
+    _assert_same(grouped, alone, tol=1e-5)
+    assert [item.num_tokens for item in grouped] == [len(seq) for seq in batch]
+
+
 def test_factory_builds_onnx_backend(m3_checkpoint, onnx_cache, monkeypatch):
     monkeypatch.setattr(exports, "default_cache_dir", lambda: onnx_cache)
     monkeypatch.setattr(exports, "_writable_dir", lambda path: False)
