@@ -14,7 +14,8 @@ from bgeserve.runtime.onnx_export import EXPORTER_VERSION, save_with_one_data_fi
 
 # Part of the int8 exports' cache key: a changed rewrite must not reuse the old one's exports.
 INT8_REWRITE = "in-product-correction"
-# The int8 kernels take K in blocks: the correction rows pad each product's K to a multiple of this.
+# The correction rows pad each product's K to a multiple of this, a whole number of the int8 kernels' K
+# steps (measured as fast as the fewest rows, or up to 7% faster).
 K_BLOCK = 16
 
 
