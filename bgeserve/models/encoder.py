@@ -32,7 +32,7 @@ _ACTIVATIONS = {
 }
 
 
-def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _in_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`tensor` in `dtype`: itself where it already is, so that a traced fp32 graph has no Cast nodes."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
@@ -103,26 +103,26 @@ class EncoderLayer(nn.Module):
         # The residual stream and LayerNorms stay in their own (fp32) precision while the projections
         # may run in fp16/bf16: sums and norms in fp32 are what keep half precision free of inf/NaN.
         b, n, h = hidden.shape
-        x = _as(hidden, self.compute_dtype)
+        x = _in_dtype(hidden, self.compute_dtype)
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         ctx = ctx.transpose(1, 2).reshape(b, n, h)
-        hidden = self.attn_norm(_as(self.attn_out(ctx), hidden.dtype) + hidden)
+        hidden = self.attn_norm(_in_dtype(self.attn_out(ctx), hidden.dtype) + hidden)
         return self._feed_forward(hidden)
 
     def forward_packed(self, hidden: torch.Tensor, attend: Attention) -> torch.Tensor:
         """The same block on packed tokens [T, hidden]: projections on all rows; `attend` maps the
         [T, 3, heads, head_dim] projections to the [T, hidden] context, keeping to each sequence."""
-        x = _as(hidden, self.compute_dtype)
+        x = _in_dtype(hidden, self.compute_dtype)
         # Sizes from the config, not from x: a traced graph then reshapes by a constant, with no shape arithmetic.
         qkv = self.qkv(x).view(-1, 3, self.num_heads, self.head_dim)
         ctx = attend(qkv)
-        hidden = self.attn_norm(_as(self.attn_out(ctx), hidden.dtype) + hidden)
+        hidden = self.attn_norm(_in_dtype(self.attn_out(ctx), hidden.dtype) + hidden)
         return self._feed_forward(hidden)
 
     def _feed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = _as(hidden, self.compute_dtype)
-        return self.ffn_norm(_as(self.ffn_out(self.act(self.ffn_in(x))), hidden.dtype) + hidden)
+        x = _in_dtype(hidden, self.compute_dtype)
+        return self.ffn_norm(_in_dtype(self.ffn_out(self.act(self.ffn_in(x))), hidden.dtype) + hidden)
 
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Projections in `dtype`; LayerNorms stay fp32."""

@@ -124,10 +124,8 @@ def padded_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     return gathered_attention(qkv, batch.gather_index(), batch.scatter_index(), sdpa)
 
 
-# Where attention runs in the padded [B, S] layout, a group of sequences ends before one shorter than this
-# share of the group's longest: attention then costs at most 4x its padding-free work per sequence. Tighter
-# shares (2/3, 3/4) cut batches of moderately mixed lengths too, and the smaller products lost as much as
-# the attention saved (measured on the int8 graph, BENCHMARKS.md run 14).
+# Padded attention does at most 4x its padding-free work within a group; tighter shares cost more in
+# smaller products than they saved (BENCHMARKS.md run 14).
 ATTENTION_GROUP_SHARE = 0.5
 
 

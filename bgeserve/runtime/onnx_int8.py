@@ -12,11 +12,12 @@ import numpy as np
 
 from bgeserve.runtime.onnx_export import EXPORTER_VERSION, save_with_one_data_file
 
-# Part of the int8 exports' cache key: a changed rewrite must not reuse the old one's exports.
-INT8_REWRITE = "in-product-correction"
 # The correction rows pad each product's K to a multiple of this, a whole number of the int8 kernels' K
 # steps (measured as fast as the fewest rows, or up to 7% faster).
 K_BLOCK = 16
+# Part of the int8 exports' cache key: a changed rewrite (nodes, correction_rows' rule) must change it, so
+# that no old export is reused.
+INT8_REWRITE = f"in-product-correction-k{K_BLOCK}"
 
 
 def quantize_int8(source: Path, path: Path, signed_weights: bool = False, keep_fp32: tuple[str, ...] = ()) -> Path:
@@ -28,8 +29,10 @@ def quantize_int8(source: Path, path: Path, signed_weights: bool = False, keep_f
     bgeserve/data/mixed.txt (per-token ranges: >= 0.995). onnxruntime's MatMulInteger takes only a
     scalar activation zero point, so the per-token zero points are corrected for separately:
     sum_k (q_mk - z_m) w_kn = (q @ w)_mn - z_m * colsum(w)_n, inside the product where that pays (see
-    `correction_rows`), else after it. `signed_weights` stores the weights as s8 (fast on VNNI CPUs),
-    else as u8 with zero point 128 (exact on AVX2, whose u8 x s8 saturates).
+    `correction_rows`), else after it. `signed_weights` stores the weights as s8, fast and exact only on
+    CPUs with VNNI or AMX: elsewhere u8 x s8 products saturate at 16 bits, and the correction rows (a
+    zero point up to 255 against codes near 127) are where they do most. Else the weights are u8 with zero
+    point 128, exact on every x86-64 CPU.
 
     The word-embedding table and the small sparse / ColBERT heads stay fp32: the heads cost nothing and
     the sparse weights are the output most hurt by int8. `keep_fp32`: more node-name parts to leave fp32.
@@ -169,7 +172,8 @@ def _int8_matmul_nodes(prefix: str, x: str, y: str, w: np.ndarray, signed: bool,
         oh.make_node("Round", [t("zp_raw")], [t("zp")]),
         oh.make_node("Cast", [t("zp")], [t("zp_u8")], to=TensorProto.UINT8),
         oh.make_node("QuantizeLinear", [x2, t("scale"), t("zp_u8")], [t("x_q")], axis=0),
-        # [rows, 1]: the product scales its output by a per-row activation scale of this shape.
+        # [rows, 1]: MatMulIntegerToFloat scales its output by a per-row A scale of this shape (in a pass of its
+        # own over the output, but no node of ours); a [rows] vector would be taken for B's per-column scale.
         oh.make_node("Unsqueeze", [t("scale"), column], [t("row_scale")]),
     ]
     if extra is not None:

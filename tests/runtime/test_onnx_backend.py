@@ -11,10 +11,12 @@ from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.errors import DeviceUnavailable, ModelLacksOutput
 from bgeserve.models.checkpoint import load_checkpoint
+from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime import cpu_features, onnx_export
 from bgeserve.runtime import onnx_cache as exports
 from bgeserve.runtime.factory import create_backend
 from bgeserve.runtime.onnx_backend import OnnxBackend
+from bgeserve.runtime.packed_outputs import PackedResult
 from bgeserve.runtime.torch_backend import TorchBackend
 
 # The onnx extra is optional: without it these tests skip (the missing-package error is tested below
@@ -133,7 +135,7 @@ def test_one_long_text_runs_apart_from_short_ones(m3_checkpoint, onnx_cache, mon
     forwards: list[list[int]] = []
     forward = backend._forward
 
-    def counted(sequences, want):  # noqa: ANN001, ANN202
+    def counted(sequences: list[list[int]], want: OutputRequest) -> tuple[PackedBatch, PackedResult]:
         forwards.append([len(s) for s in sequences])
         return forward(sequences, want)
 
