@@ -78,10 +78,10 @@ class CorpusJobOptions:
         return 4 * self.batch_size if self.block_rows is None else self.block_rows
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_batch_tokens", "rows_per_block"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('rows_per_block', 'block_rows')} must be at least 1, "
-                                 f"not {getattr(self, name)}")
+        for name in ("batch_size", "max_batch_tokens", "block_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
         if not (self.dense or self.sparse or self.colbert):
             raise ValueError("ask for at least one output: dense, sparse or colbert")
         if self.threads is not None and self.threads < 1:

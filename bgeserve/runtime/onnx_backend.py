@@ -112,8 +112,10 @@ class OnnxBackend(PackedBackend):
         """PackedBackend.run on each group of similar lengths (models.packed.attention_groups) in turn: the
         graph's attention runs in the padded layout, so one long text must not pad a batch of short ones.
         On the CPU only, where it was measured: a GPU pads cheaply and pays per session run."""
+        if self.device != "cpu":
+            return super().run(batch, want)
         groups = attention_groups([len(seq) for seq in batch])
-        if self.device != "cpu" or len(groups) <= 1:
+        if len(groups) <= 1:
             return super().run(batch, want)
         items: dict[int, ItemOutput] = {}
         for group in groups:
