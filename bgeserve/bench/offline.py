@@ -82,6 +82,19 @@ def spread(items: list[str], n: int) -> list[str]:
 
 
 @dataclass
+class RoundResult:
+    """One row's figures in one round of a run with several rounds."""
+
+    texts_per_s: float
+    query_p50_ms: float | None
+    speedup: float | None = None  # against the baseline's texts/s in the same round
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"texts_per_s": self.texts_per_s, "query_p50_ms": self.query_p50_ms, "speedup": self.speedup}
+
+
+@dataclass
 class Row:
     """One line of the table."""
 
@@ -103,6 +116,7 @@ class Row:
     device_tflops: float | None = None  # the device's product rate in this precision, where measured
     matmul_use: float | None = None  # model_tflops / device_tflops
     notes: list[str] = field(default_factory=list)
+    rounds: list[RoundResult] = field(default_factory=list)
     dense: np.ndarray | None = None
 
     @property
@@ -137,7 +151,50 @@ class Row:
             "device_matmul_tflops": self.device_tflops,
             "matmul_use": self.matmul_use,
             "notes": self.notes,
+            "rounds": [r.as_dict() for r in self.rounds],
         }
+
+
+@dataclass
+class PairRatio:
+    """How many times faster one row is than another, taken round by round (bigger: `faster` is faster)."""
+
+    faster: str
+    slower: str
+    texts_per_s: list[float] = field(default_factory=list)  # faster's texts/s over slower's, per round
+    query: list[float] = field(default_factory=list)  # slower's query p50 over faster's, per round
+    reason: str | None = None  # why there is no ratio (a row skipped or failed)
+
+    def as_dict(self) -> dict:
+        """JSON-ready form, with the medians."""
+        return {
+            "faster": self.faster,
+            "slower": self.slower,
+            "texts_per_s_ratio": median(self.texts_per_s) if self.texts_per_s else None,
+            "texts_per_s_ratio_per_round": self.texts_per_s,
+            "query_ratio": median(self.query) if self.query else None,
+            "query_ratio_per_round": self.query,
+            "reason": self.reason,
+        }
+
+
+def pair_ratios(rows: list[Row], pairs: list[tuple[BenchConfig, BenchConfig]]) -> list[PairRatio]:
+    """The ratio of each (faster, slower) pair of rows, round by round."""
+    by_config = {row.config: row for row in rows}
+    ratios = []
+    for faster, slower in pairs:
+        ratio = PairRatio(faster.name, slower.name)
+        a, b = by_config[faster], by_config[slower]
+        missing = next((r for r in (a, b) if r.status != "ok"), None)
+        if missing is not None:
+            ratio.reason = f"{missing.name} {missing.status}"
+        else:
+            for mine, theirs in zip(a.rounds, b.rounds, strict=True):
+                ratio.texts_per_s.append(mine.texts_per_s / theirs.texts_per_s)
+                if mine.query_p50_ms and theirs.query_p50_ms:
+                    ratio.query.append(theirs.query_p50_ms / mine.query_p50_ms)
+        ratios.append(ratio)
+    return ratios
 
 
 @dataclass
@@ -153,6 +210,10 @@ class OfflinePlan:
     allow_emulated_bf16: bool = False
     timeout_s: float | None = None
     flops_per_token: float | None = None  # bench.flops.projection_flops_per_token of the model
+    # Every row runs once a round, in alternating order: on a machine whose speed drifts, same-round
+    # ratios and medians across rounds hold where one pass per row would not.
+    rounds: int = 1
+    ratios: list[tuple[BenchConfig, BenchConfig]] = field(default_factory=list)  # (faster, slower) pairs
 
 
 @dataclass
@@ -166,26 +227,43 @@ class OfflineReport:
     settings: RunSettings
     options: MeasureOptions
     isolated: bool = True
+    rounds: int = 1
+    ratios: list[PairRatio] = field(default_factory=list)
 
 
 def run_offline(
     plan: OfflinePlan, facts: MachineFacts, progress: Callable[[str], None] = lambda _msg: None
 ) -> OfflineReport:
-    """Runs every row one after the other (the previous one freed), then fills ratios and fidelity."""
-    rows: list[Row] = []
-    for number, config in enumerate(plan.configs, 1):
-        reason = skip_reason(config, facts, plan.settings.outputs, plan.allow_emulated_bf16)
+    """Runs every row one after the other (the previous one freed), `plan.rounds` times, then fills
+    ratios and fidelity."""
+    count = len(plan.configs)
+    reasons = [skip_reason(c, facts, plan.settings.outputs, plan.allow_emulated_bf16) for c in plan.configs]
+    for number, (config, reason) in enumerate(zip(plan.configs, reasons, strict=True), 1):
         if reason:
-            progress(f"[{number}/{len(plan.configs)}] {config.name}: skipped ({reason})")
+            progress(f"[{number}/{count}] {config.name}: skipped ({reason})")
+    outcomes: list[list[JobOutcome]] = [[] for _ in plan.configs]
+    walls = [0.0] * count
+    for round_index in range(plan.rounds):
+        prefix = f"round {round_index + 1}/{plan.rounds} " if plan.rounds > 1 else ""
+        order = range(count) if round_index % 2 == 0 else reversed(range(count))
+        for i in order:
+            config = plan.configs[i]
+            if reasons[i] or any(o.status != "ok" for o in outcomes[i]):
+                continue  # skipped, or failed in an earlier round: that already decides the row
+            progress(f"{prefix}[{i + 1}/{count}] {config.name}: running")
+            started = time.perf_counter()
+            outcome = _run(plan, config, plan.options)
+            walls[i] += time.perf_counter() - started
+            outcomes[i].append(outcome)
+            progress(f"{prefix}[{i + 1}/{count}] {config.name}: {_outcome_line(outcome, len(plan.corpus.texts))}")
+    rows: list[Row] = []
+    for config, reason, outcome_list, wall in zip(plan.configs, reasons, outcomes, walls, strict=True):
+        if reason:
             rows.append(Row(config, "skipped", reason))
             continue
-        progress(f"[{number}/{len(plan.configs)}] {config.name}: running")
-        started = time.perf_counter()
-        row = _row(config, _run(plan, config, plan.options), plan.corpus, plan.flops_per_token)
-        row.wall_seconds = time.perf_counter() - started
+        row = _row(config, outcome_list, plan.corpus, plan.flops_per_token, plan.rounds)
+        row.wall_seconds = wall
         rows.append(row)
-        progress(f"[{number}/{len(plan.configs)}] {config.name}: " + (
-            f"{row.texts_per_s:.2f} texts/s" if row.status == "ok" else f"{row.status} ({row.reason})"))
 
     reference = _reference_vectors(plan, rows, progress)
     for row in rows:
@@ -206,7 +284,16 @@ def run_offline(
         settings=plan.settings,
         options=plan.options,
         isolated=plan.isolate,
+        rounds=plan.rounds,
+        ratios=pair_ratios(rows, plan.ratios),
     )
+
+
+def _outcome_line(outcome: JobOutcome, texts: int) -> str:
+    m = outcome.measurement
+    if outcome.status == "ok" and m is not None and m.corpus_seconds:
+        return f"{texts / median(m.corpus_seconds):.2f} texts/s"
+    return f"{outcome.status} ({outcome.reason})"
 
 
 def _run(plan: OfflinePlan, config: BenchConfig, options: MeasureOptions) -> JobOutcome:
@@ -216,29 +303,41 @@ def _run(plan: OfflinePlan, config: BenchConfig, options: MeasureOptions) -> Job
     return execute_isolated(job, plan.timeout_s) if isolate else execute(job)
 
 
-def _row(config: BenchConfig, outcome: JobOutcome, corpus: Corpus, flops_per_token: float | None = None) -> Row:
-    row = Row(config, outcome.status, outcome.reason)
-    m = outcome.measurement
-    if outcome.status != "ok" or m is None:
-        return row
-    seconds = median(m.corpus_seconds)
+def _row(
+    config: BenchConfig, outcomes: list[JobOutcome], corpus: Corpus, flops_per_token: float | None, rounds: int
+) -> Row:
+    """The row of one config from its outcome in each round: a round that did not succeed fails the row."""
+    for number, outcome in enumerate(outcomes, 1):
+        if outcome.status != "ok" or outcome.measurement is None:
+            where = f"round {number} of {rounds}: " if rounds > 1 else ""
+            return Row(config, outcome.status, f"{where}{outcome.reason}")
+    ms = [o.measurement for o in outcomes if o.measurement is not None]
+    row = Row(config, "ok")
+    round_seconds = [median(m.corpus_seconds) for m in ms]
+    seconds = median(round_seconds)
     row.texts_per_s = len(corpus.texts) / seconds
     row.tokens_per_s = corpus.total_tokens / seconds
-    row.corpus_seconds = m.corpus_seconds
-    row.query_ms = summarize(m.query_ms)
-    row.batch_ms = summarize(m.batch_ms)
-    if m.peak_memory_bytes is not None:
-        row.peak_memory_mb = m.peak_memory_bytes / 2**20
-    row.memory_kind = m.memory_kind
-    row.load_seconds = m.load_seconds
-    row.dense = m.dense
-    row.notes += m.notes
+    row.corpus_seconds = [s for m in ms for s in m.corpus_seconds]
+    row.query_ms = summarize([t for m in ms for t in m.query_ms])
+    row.batch_ms = summarize([t for m in ms for t in m.batch_ms])
+    row.rounds = [
+        RoundResult(len(corpus.texts) / s, median(m.query_ms) if m.query_ms else None)
+        for m, s in zip(ms, round_seconds, strict=True)
+    ]
+    peaks = [m.peak_memory_bytes for m in ms if m.peak_memory_bytes is not None]
+    if peaks:
+        row.peak_memory_mb = max(peaks) / 2**20
+    row.memory_kind = ms[0].memory_kind
+    row.load_seconds = median([m.load_seconds for m in ms])
+    row.dense = ms[-1].dense
+    row.notes += ms[0].notes
+    rates = [m.matmul_tflops for m in ms if m.matmul_tflops]
     if flops_per_token:
         row.model_tflops = row.tokens_per_s * flops_per_token / 1e12
-        if m.matmul_tflops:
-            row.device_tflops = m.matmul_tflops
-            row.matmul_use = row.model_tflops / m.matmul_tflops
-            tflops = m.matmul_tflops
+        if rates:
+            tflops = median(rates)
+            row.device_tflops = tflops
+            row.matmul_use = row.model_tflops / tflops
             rate = f"{tflops:,.0f} TFLOP/s" if tflops >= 10 else f"{tflops * 1e3:,.0f} GFLOP/s"
             row.notes.append(f"matmul use {row.matmul_use:.0%} of {rate} "
                              f"({config.dtype} {matmul_shape(config.device)} product here)")
@@ -299,5 +398,10 @@ def _fill_speedups(rows: list[Row], baseline: BenchConfig | None) -> None:
         return
     base.notes.append("baseline")
     for row in rows:
-        if row.status == "ok" and row.texts_per_s:
-            row.speedup = row.texts_per_s / base.texts_per_s
+        if row.status != "ok" or not row.texts_per_s:
+            continue
+        # Each round's ratio is taken within that round (the machine's speed of that moment cancels out);
+        # the row's speed-up is their median. With one round this is the plain ratio.
+        for mine, theirs in zip(row.rounds, base.rounds, strict=True):
+            mine.speedup = mine.texts_per_s / theirs.texts_per_s
+        row.speedup = median([r.speedup for r in row.rounds if r.speedup is not None])

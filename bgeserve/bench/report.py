@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 from bgeserve.bench.http_load import LevelResult, Target
-from bgeserve.bench.offline import OfflineReport, Row
-from bgeserve.bench.stats import LatencySummary
+from bgeserve.bench.offline import OfflineReport, PairRatio, Row
+from bgeserve.bench.stats import LatencySummary, median
 
 _VERSIONED = ("bgeserve", "torch", "transformers", "onnxruntime", "FlagEmbedding", "numpy")
 
@@ -84,12 +84,48 @@ def offline_table(report: OfflineReport) -> str:
         if row.status != "ok":
             notes.insert(0, f"{row.status}: {row.reason}")
         min_cos, max_diff = _fidelity(row)
-        speedup = f"{row.speedup:.2f}x" if row.speedup is not None else "—"
+        speedup = _speedup(row)
+        if len(row.rounds) > 1:
+            notes.append(_per_round(row))
         cells = [
             row.name, _num(row.texts_per_s), _num(row.tokens_per_s, 0), _latency(row.query_ms),
             _latency(row.batch_ms), _num(row.peak_memory_mb, 0), speedup, min_cos, max_diff,
             "; ".join(notes).replace("|", "/"),
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _speedup(row: Row) -> str:
+    if row.speedup is None:
+        return "—"
+    ratios = [r.speedup for r in row.rounds if r.speedup is not None]
+    if len(ratios) > 1 and min(ratios) != max(ratios):
+        return f"{row.speedup:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+    return f"{row.speedup:.2f}x"
+
+
+def _per_round(row: Row) -> str:
+    rates = " / ".join(f"{r.texts_per_s:.2f}" for r in row.rounds)
+    queries = " / ".join("—" if r.query_p50_ms is None else f"{r.query_p50_ms:.0f}" for r in row.rounds)
+    return f"per round: {rates} texts/s, query p50 {queries} ms"
+
+
+def _ratio_cell(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if min(values) == max(values):
+        return f"{values[0]:.2f}x"
+    return f"{median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def ratio_table(ratios: list[PairRatio]) -> str:
+    """Markdown table of the asked pairs: each ratio taken within a round, then the median of the rounds."""
+    header = ["ratio", "texts/s: faster / slower", "query p50: slower / faster", "rounds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in ratios:
+        cells = [f"{r.faster} / {r.slower}", _ratio_cell(r.texts_per_s), _ratio_cell(r.query),
+                 r.reason or str(len(r.texts_per_s))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -104,6 +140,10 @@ def offline_summary(report: OfflineReport) -> str:
         f"protocol: warm-up, then {o.query_runs} query runs, {o.batch_runs} batch runs, "
         f"{o.repeats} corpus passes (texts/s from the median pass); "
         + ("one fresh process per row" if report.isolated else "all rows in one process")
+        + (f"; {report.rounds} rounds in alternating row order: texts/s is the median of the rounds, query "
+           "percentiles pool every round's calls, a speed-up or ratio is the median of same-round ratios "
+           "(min-max in brackets)"
+           if report.rounds > 1 else "")
     )
 
 
@@ -128,10 +168,12 @@ def offline_json(report: OfflineReport, machine: dict, command: str | None = Non
             "batch_runs": report.options.batch_runs,
             "warmup": report.options.warmup,
             "process_per_row": report.isolated,
+            "rounds": report.rounds,
         },
         "baseline": report.baseline,
         "fidelity_reference": report.reference,
         "rows": [row.as_dict() for row in report.rows],
+        "ratios": [ratio.as_dict() for ratio in report.ratios],
     }
 
 

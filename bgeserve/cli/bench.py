@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bgeserve.bench.configs import DEFAULT_CONFIGS
+from bgeserve.bench.configs import DEFAULT_CONFIGS, BenchConfig, parse_config
 
 EPILOG = """\
 examples:
@@ -65,6 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--repeats", type=int, default=3, help="timed passes over the corpus; median kept (3)")
     off.add_argument("--query-runs", type=int, default=10, help="timed single-query calls (10)")
     off.add_argument("--batch-runs", type=int, default=3, help="timed batch calls (3)")
+    off.add_argument("--rounds", type=int, default=1, help="run every row this many times, in alternating "
+                     "order, for figures that hold on a machine whose speed drifts: texts/s is the median of "
+                     "the rounds, a speed-up the median of same-round ratios (1)")
+    off.add_argument("--ratios", default="", help="comma list of FASTER/SLOWER pairs of rows (e.g. "
+                     "onnx-int8/cpu-bf16,cpu-bf16/openvino-bf16): a table of their texts/s and query ratios, "
+                     "each taken within a round")
     off.add_argument("--inline", action="store_true",
                      help="run every row in this process instead of a fresh process per row "
                      "(faster start; the memory column is then less exact)")
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_common(args: argparse.Namespace) -> None:
     positive = {"--limit": args.limit, "--batch": args.batch, "--requests": args.requests,
                 "--batch-size": args.batch_size, "--flag-batch-size": args.flag_batch_size,
-                "--max-length": args.max_length, "--repeats": args.repeats}
+                "--max-length": args.max_length, "--repeats": args.repeats, "--rounds": args.rounds}
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, not {value}")
@@ -195,9 +201,15 @@ def _run_offline(args: argparse.Namespace) -> int:
     try:
         configs = parse_config_list(args.configs) + parse_compare(args.compare)
         baseline = parse_config(args.baseline) if args.baseline else None
+        pairs = _parse_pairs(args.ratios)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     configs = list(dict.fromkeys(configs))
+    for pair in pairs:
+        for config in pair:
+            if config not in configs:
+                raise UsageError(f"--ratios {config.name} is not among the configs: "
+                                 f"{', '.join(c.name for c in configs)}")
     if baseline is None:
         default = parse_config("cpu-fp32-t1")
         baseline = default if default in configs else None
@@ -231,7 +243,8 @@ def _run_offline(args: argparse.Namespace) -> int:
     options = MeasureOptions(repeats=args.repeats, query_runs=args.query_runs, batch_runs=args.batch_runs)
     plan = OfflinePlan(configs, settings, options, corpus, baseline, isolate=not args.inline,
                        allow_emulated_bf16=args.allow_emulated_bf16, timeout_s=args.timeout,
-                       flops_per_token=projection_flops_per_token(checkpoint.config))
+                       flops_per_token=projection_flops_per_token(checkpoint.config),
+                       rounds=args.rounds, ratios=pairs)
     stderr_log(f"model {checkpoint.name} ({checkpoint.path}); {len(corpus.texts)} texts, "
                f"{corpus.total_tokens} tokens; {len(configs)} rows")
     report = run_offline(plan, probe_machine(openvino_python), progress=stderr_log)
@@ -239,9 +252,25 @@ def _run_offline(args: argparse.Namespace) -> int:
     print(rep.offline_summary(report))
     print()
     print(rep.offline_table(report))
+    if report.ratios:
+        print()
+        print(rep.ratio_table(report.ratios))
     _write_outputs(args, rep.offline_json(report, machine, _command_line()),
                    lambda path: rep.plot_offline(report, path))
     return 0 if any(r.status == "ok" for r in report.rows) else 1
+
+
+def _parse_pairs(text: str) -> list[tuple[BenchConfig, BenchConfig]]:
+    """"a/b,c/d" -> [(a, b), (c, d)]; a bad pair raises ValueError with what was wrong."""
+    pairs = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        names = item.split("/")
+        if len(names) != 2 or not all(n.strip() for n in names):
+            raise ValueError(f"--ratios takes FASTER/SLOWER pairs of configs, not {item!r}")
+        pairs.append((parse_config(names[0].strip()), parse_config(names[1].strip())))
+    return pairs
 
 
 # --- HTTP ------------------------------------------------------------------------------------------
@@ -254,6 +283,7 @@ def _run_http(args: argparse.Namespace) -> int:
     from bgeserve.bench.model_source import stderr_log
 
     offline_only = {"--compare": args.compare, "--inline": args.inline, "--query": args.query,
+                    "--ratios": args.ratios, "--rounds": args.rounds != 1,
                     "--openvino-python": args.openvino_python,
                     "--outputs": args.outputs != "dense"}
     for flag, value in offline_only.items():

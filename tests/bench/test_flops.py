@@ -74,7 +74,7 @@ def _corpus() -> Corpus:
 
 def test_a_cuda_rows_share_of_the_cards_rate():
     measurement = Measurement(corpus_seconds=[0.5, 0.5], query_ms=[1.0], batch_ms=[2.0], matmul_tflops=400.0)
-    row = _row(BenchConfig("cuda", "bf16"), JobOutcome("ok", measurement=measurement), _corpus(), 2e12)
+    row = _row(BenchConfig("cuda", "bf16"), [JobOutcome("ok", measurement=measurement)], _corpus(), 2e12, 1)
     # 9 tokens in 0.5 s = 18 tokens/s x 2 TFLOP per token = 36 TFLOP/s of 400: 9%.
     assert row.model_tflops == pytest.approx(36.0)
     assert row.device_tflops == 400.0 and row.matmul_use == pytest.approx(0.09)
@@ -85,7 +85,7 @@ def test_a_cuda_rows_share_of_the_cards_rate():
 
 def test_a_cpu_rows_share_of_its_bf16_product_rate():
     measurement = Measurement(corpus_seconds=[0.5], query_ms=[1.0], batch_ms=[2.0], matmul_tflops=2.0)
-    row = _row(BenchConfig("cpu", "bf16"), JobOutcome("ok", measurement=measurement), _corpus(), 1e11)
+    row = _row(BenchConfig("cpu", "bf16"), [JobOutcome("ok", measurement=measurement)], _corpus(), 1e11, 1)
     # 18 tokens/s x 0.1 TFLOP per token = 1.8 TFLOP/s of 2.
     assert row.matmul_use == pytest.approx(0.9)
     assert "matmul use 90% of 2,000 GFLOP/s (bf16 2048x1024x4096 product here)" in "; ".join(row.notes)
@@ -93,6 +93,6 @@ def test_a_cpu_rows_share_of_its_bf16_product_rate():
 
 def test_rows_without_a_device_rate_report_only_their_own():
     measurement = Measurement(corpus_seconds=[0.5], query_ms=[1.0], batch_ms=[2.0])
-    row = _row(BenchConfig("cpu", "fp32"), JobOutcome("ok", measurement=measurement), _corpus(), 2e12)
+    row = _row(BenchConfig("cpu", "fp32"), [JobOutcome("ok", measurement=measurement)], _corpus(), 2e12, 1)
     assert row.model_tflops == pytest.approx(36.0)
     assert row.matmul_use is None and row.device_tflops is None and not row.notes

@@ -7,9 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from bgeserve.bench.configs import onnx_backend_available
+from bgeserve.bench import offline
+from bgeserve.bench.configs import BenchConfig, MachineFacts, onnx_backend_available
 from bgeserve.bench.flops import projection_flops_per_token
-from bgeserve.bench.offline import build_corpus, fidelity, spread
+from bgeserve.bench.job import JobOutcome
+from bgeserve.bench.measure import Measurement, MeasureOptions
+from bgeserve.bench.offline import Corpus, OfflinePlan, build_corpus, fidelity, spread
+from bgeserve.bench.report import offline_table, ratio_table
+from bgeserve.bench.runners import RunSettings
 from bgeserve.cli import main
 from bgeserve.models.config import EncoderConfig
 
@@ -160,6 +165,9 @@ def test_all_outputs_and_untimed_reference(tiny_m3, corpus_file, capsys, tmp_pat
         (["--limit", "0"], "--limit"),
         (["--plot", "out.svg"], ".png"),
         (["--duration", "5"], "HTTP mode"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--ratios", "cpu-fp32"], "FASTER/SLOWER"),
+        (["--configs", "cpu-fp32", "--ratios", "cpu-int8/cpu-fp32"], "not among the configs"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(args, message, tiny_m3, corpus_file, capsys):
@@ -235,3 +243,81 @@ def test_bgelite_takes_only_bge_m3_width(tiny_m3, corpus_file, capsys, tmp_path)
     assert code == 0
     row = {r["config"]: r for r in json.loads(out_json.read_text(encoding="utf-8"))["rows"]}["bgelite-fp32"]
     assert row["status"] == "skipped" and "hidden size 1024" in row["reason"]
+
+
+def _scripted_run(monkeypatch, script: dict[str, list[JobOutcome]]) -> list[str]:
+    """Replaces the row runner by one that hands out each config's outcomes in turn; returns the call log."""
+    calls: list[str] = []
+
+    def run(plan, config, options):
+        calls.append(config.name)
+        return script[config.name][sum(name == config.name for name in calls) - 1]
+
+    monkeypatch.setattr(offline, "_run", run)
+    return calls
+
+
+def _measured(seconds: float, query_ms: float) -> JobOutcome:
+    vectors = np.eye(2, 4, dtype=np.float32)  # two texts, the fidelity column needs their vectors
+    return JobOutcome("ok", measurement=Measurement(corpus_seconds=[seconds], query_ms=[query_ms], dense=vectors))
+
+
+def test_rounds_alternate_the_order_and_ratios_are_taken_within_a_round(monkeypatch):
+    # The machine drifts: cpu-fp32 is 3x faster than cpu-int8 in rounds 1 and 3, level in round 2. The median
+    # of same-round ratios (3x) says so; a ratio of the two medians (2.0 s / 3.0 s = 1.5x) would not.
+    fp32, int8 = BenchConfig("cpu", "fp32"), BenchConfig("cpu", "int8")
+    calls = _scripted_run(monkeypatch, {
+        "cpu-fp32": [_measured(1.0, 10.0), _measured(3.0, 30.0), _measured(2.0, 20.0)],
+        "cpu-int8": [_measured(3.0, 40.0), _measured(3.0, 30.0), _measured(6.0, 60.0)],
+    })
+    corpus = Corpus("x", ["a", "b"], [3, 3], "a", 3, ["a"], 3)
+    plan = OfflinePlan([fp32, int8], RunSettings("m"), MeasureOptions(), corpus, baseline=int8, rounds=3,
+                       ratios=[(fp32, int8)])
+    report = offline.run_offline(plan, MachineFacts())
+    assert calls == ["cpu-fp32", "cpu-int8", "cpu-int8", "cpu-fp32", "cpu-fp32", "cpu-int8"]
+    rows = {row.name: row for row in report.rows}
+    assert [r.texts_per_s for r in rows["cpu-fp32"].rounds] == [2.0, pytest.approx(2 / 3), 1.0]
+    assert rows["cpu-fp32"].texts_per_s == pytest.approx(1.0)  # 2 texts / the median round's 2 s
+    assert [r.speedup for r in rows["cpu-fp32"].rounds] == [pytest.approx(3.0), pytest.approx(1.0), pytest.approx(3.0)]
+    assert rows["cpu-fp32"].speedup == pytest.approx(3.0) and rows["cpu-int8"].speedup == pytest.approx(1.0)
+    assert rows["cpu-fp32"].query_ms.n == 3 and rows["cpu-fp32"].corpus_seconds == [1.0, 3.0, 2.0]
+    (ratio,) = report.ratios
+    assert ratio.texts_per_s == pytest.approx([3.0, 1.0, 3.0])
+    assert ratio.query == pytest.approx([4.0, 1.0, 3.0])  # int8's query p50 over fp32's, round by round
+    assert ratio.as_dict()["texts_per_s_ratio"] == pytest.approx(3.0)
+    table = offline_table(report)
+    assert "3.00x (1.00-3.00)" in table and "per round: 2.00 / 0.67 / 1.00 texts/s" in table
+    assert "cpu-fp32 / cpu-int8 | 3.00x (1.00-3.00) | 3.00x (1.00-4.00) | 3" in ratio_table(report.ratios)
+
+
+def test_a_row_that_fails_in_one_round_fails_and_is_not_run_again(monkeypatch):
+    fp32, int8 = BenchConfig("cpu", "fp32"), BenchConfig("cpu", "int8")
+    calls = _scripted_run(monkeypatch, {
+        "cpu-fp32": [_measured(1.0, 10.0)] * 3,
+        "cpu-int8": [_measured(1.0, 10.0), JobOutcome("failed", "out of memory")],
+    })
+    corpus = Corpus("x", ["a", "b"], [3, 3], "a", 3, ["a"], 3)
+    plan = OfflinePlan([fp32, int8], RunSettings("m"), MeasureOptions(), corpus, rounds=3, ratios=[(int8, fp32)])
+    report = offline.run_offline(plan, MachineFacts())
+    assert calls.count("cpu-int8") == 2 and calls.count("cpu-fp32") == 3
+    rows = {row.name: row for row in report.rows}
+    assert rows["cpu-int8"].status == "failed" and rows["cpu-int8"].reason == "round 2 of 3: out of memory"
+    assert rows["cpu-int8"].texts_per_s is None and rows["cpu-fp32"].status == "ok"
+    assert report.ratios[0].texts_per_s == [] and report.ratios[0].reason == "cpu-int8 failed"
+
+
+def test_rounds_and_ratios_from_the_command_line(tiny_m3, corpus_file, capsys, tmp_path):
+    out_json = tmp_path / "rounds.json"
+    code, out, err = _bench(capsys, "--model", str(tiny_m3), "--corpus", str(corpus_file), "--inline", *FAST,
+                            "--configs", "cpu-fp32,cpu-int8", "--rounds", "2", "--ratios", "cpu-int8/cpu-fp32",
+                            "--json", str(out_json))
+    assert code == 0
+    assert "round 2/2 [2/2] cpu-int8: running" in err and "2 rounds in alternating row order" in out
+    assert "| cpu-int8 / cpu-fp32 |" in out
+    doc = json.loads(out_json.read_text(encoding="utf-8"))
+    assert doc["protocol"]["rounds"] == 2
+    rows = {r["config"]: r for r in doc["rows"]}
+    assert len(rows["cpu-int8"]["rounds"]) == 2 and len(rows["cpu-int8"]["corpus_seconds"]) == 4
+    (ratio,) = doc["ratios"]
+    assert ratio["faster"] == "cpu-int8" and len(ratio["texts_per_s_ratio_per_round"]) == 2
+    assert ratio["texts_per_s_ratio"] == pytest.approx(rows["cpu-int8"]["speedup"])  # fp32 is the baseline
