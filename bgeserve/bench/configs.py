@@ -143,6 +143,23 @@ def parse_compare(spec: str) -> list[BenchConfig]:
     return configs
 
 
+def parse_pairs(spec: str) -> list[tuple[BenchConfig, BenchConfig]]:
+    """'a/b,c/d' -> [(a, b), (c, d)], repeats dropped; ValueError for a malformed pair or a row against itself."""
+    pairs: list[tuple[BenchConfig, BenchConfig]] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        names = [name.strip() for name in item.split("/")]
+        if len(names) != 2 or not all(names):
+            raise ValueError(f"--ratios takes A/B pairs of configs, not {item!r}")
+        a, b = parse_config(names[0]), parse_config(names[1])
+        if a == b:
+            raise ValueError(f"--ratios {item}: a row against itself")
+        if (a, b) not in pairs:
+            pairs.append((a, b))
+    return pairs
+
+
 @dataclass(frozen=True)
 class MachineFacts:
     """What this machine and Python environment can run; probed once, passed down (tests build their own)."""

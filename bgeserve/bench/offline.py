@@ -109,7 +109,7 @@ class Row:
     peak_memory_mb: float | None = None
     memory_kind: str | None = None
     load_seconds: float | None = None
-    wall_seconds: float | None = None  # the whole row: process start, load, warm-up and every timed call
+    wall_seconds: float | None = None  # the whole row, every round: process start, load, warm-up, timed calls
     speedup: float | None = None
     fidelity: dict[str, float] | None = None
     model_tflops: float | None = None  # tokens/s x projection FLOPs per token (bench.flops)
@@ -157,42 +157,44 @@ class Row:
 
 @dataclass
 class PairRatio:
-    """How many times faster one row is than another, taken round by round (bigger: `faster` is faster)."""
+    """How many times faster row `a` is than row `b`, taken round by round (above 1: `a` is faster)."""
 
-    faster: str
-    slower: str
-    texts_per_s: list[float] = field(default_factory=list)  # faster's texts/s over slower's, per round
-    query: list[float] = field(default_factory=list)  # slower's query p50 over faster's, per round
+    a: str
+    b: str
+    texts_per_s: list[float] = field(default_factory=list)  # a's texts/s over b's, per round
+    query_p50: list[float] = field(default_factory=list)  # b's query p50 over a's, per round
     reason: str | None = None  # why there is no ratio (a row skipped or failed)
 
     def as_dict(self) -> dict:
         """JSON-ready form, with the medians."""
         return {
-            "faster": self.faster,
-            "slower": self.slower,
+            "a": self.a,
+            "b": self.b,
             "texts_per_s_ratio": median(self.texts_per_s) if self.texts_per_s else None,
             "texts_per_s_ratio_per_round": self.texts_per_s,
-            "query_ratio": median(self.query) if self.query else None,
-            "query_ratio_per_round": self.query,
+            "query_p50_ratio": median(self.query_p50) if self.query_p50 else None,
+            "query_p50_ratio_per_round": self.query_p50,
             "reason": self.reason,
         }
 
 
 def pair_ratios(rows: list[Row], pairs: list[tuple[BenchConfig, BenchConfig]]) -> list[PairRatio]:
-    """The ratio of each (faster, slower) pair of rows, round by round."""
+    """The ratio of each (a, b) pair of rows, round by round; both must be among `rows`."""
     by_config = {row.config: row for row in rows}
     ratios = []
-    for faster, slower in pairs:
-        ratio = PairRatio(faster.name, slower.name)
-        a, b = by_config[faster], by_config[slower]
-        missing = next((r for r in (a, b) if r.status != "ok"), None)
-        if missing is not None:
-            ratio.reason = f"{missing.name} {missing.status}"
+    for a, b in pairs:
+        if a not in by_config or b not in by_config:
+            raise ValueError(f"ratio {a.name}/{b.name}: both must be rows of the run")
+        ratio = PairRatio(a.name, b.name)
+        row_a, row_b = by_config[a], by_config[b]
+        not_ok = next((r for r in (row_a, row_b) if r.status != "ok"), None)
+        if not_ok is not None:
+            ratio.reason = f"{not_ok.name} {not_ok.status}: {not_ok.reason}"
         else:
-            for mine, theirs in zip(a.rounds, b.rounds, strict=True):
+            for mine, theirs in zip(row_a.rounds, row_b.rounds, strict=True):
                 ratio.texts_per_s.append(mine.texts_per_s / theirs.texts_per_s)
                 if mine.query_p50_ms and theirs.query_p50_ms:
-                    ratio.query.append(theirs.query_p50_ms / mine.query_p50_ms)
+                    ratio.query_p50.append(theirs.query_p50_ms / mine.query_p50_ms)
         ratios.append(ratio)
     return ratios
 
@@ -213,7 +215,7 @@ class OfflinePlan:
     # Every row runs once a round, in alternating order: on a machine whose speed drifts, same-round
     # ratios and medians across rounds hold where one pass per row would not.
     rounds: int = 1
-    ratios: list[tuple[BenchConfig, BenchConfig]] = field(default_factory=list)  # (faster, slower) pairs
+    ratios: list[tuple[BenchConfig, BenchConfig]] = field(default_factory=list)  # (a, b): a's speed over b's
 
 
 @dataclass
@@ -234,8 +236,7 @@ class OfflineReport:
 def run_offline(
     plan: OfflinePlan, facts: MachineFacts, progress: Callable[[str], None] = lambda _msg: None
 ) -> OfflineReport:
-    """Runs every row one after the other (the previous one freed), `plan.rounds` times, then fills
-    ratios and fidelity."""
+    """Runs every row `plan.rounds` times, one after the other (the previous one freed); then ratios, fidelity."""
     count = len(plan.configs)
     reasons = [skip_reason(c, facts, plan.settings.outputs, plan.allow_emulated_bf16) for c in plan.configs]
     for number, (config, reason) in enumerate(zip(plan.configs, reasons, strict=True), 1):
@@ -248,7 +249,7 @@ def run_offline(
         order = range(count) if round_index % 2 == 0 else reversed(range(count))
         for i in order:
             config = plan.configs[i]
-            if reasons[i] or any(o.status != "ok" for o in outcomes[i]):
+            if reasons[i] or not all(_succeeded(o) for o in outcomes[i]):
                 continue  # skipped, or failed in an earlier round: that already decides the row
             progress(f"{prefix}[{i + 1}/{count}] {config.name}: running")
             started = time.perf_counter()
@@ -289,9 +290,13 @@ def run_offline(
     )
 
 
+def _succeeded(outcome: JobOutcome) -> bool:
+    return outcome.status == "ok" and outcome.measurement is not None
+
+
 def _outcome_line(outcome: JobOutcome, texts: int) -> str:
     m = outcome.measurement
-    if outcome.status == "ok" and m is not None and m.corpus_seconds:
+    if _succeeded(outcome) and m is not None and m.corpus_seconds:
         return f"{texts / median(m.corpus_seconds):.2f} texts/s"
     return f"{outcome.status} ({outcome.reason})"
 
@@ -308,30 +313,31 @@ def _row(
 ) -> Row:
     """The row of one config from its outcome in each round: a round that did not succeed fails the row."""
     for number, outcome in enumerate(outcomes, 1):
-        if outcome.status != "ok" or outcome.measurement is None:
+        if not _succeeded(outcome):
             where = f"round {number} of {rounds}: " if rounds > 1 else ""
             return Row(config, outcome.status, f"{where}{outcome.reason}")
-    ms = [o.measurement for o in outcomes if o.measurement is not None]
+    measurements = [o.measurement for o in outcomes if o.measurement is not None]
     row = Row(config, "ok")
-    round_seconds = [median(m.corpus_seconds) for m in ms]
+    round_seconds = [median(m.corpus_seconds) for m in measurements]
     seconds = median(round_seconds)
     row.texts_per_s = len(corpus.texts) / seconds
     row.tokens_per_s = corpus.total_tokens / seconds
-    row.corpus_seconds = [s for m in ms for s in m.corpus_seconds]
-    row.query_ms = summarize([t for m in ms for t in m.query_ms])
-    row.batch_ms = summarize([t for m in ms for t in m.batch_ms])
+    row.corpus_seconds = [s for m in measurements for s in m.corpus_seconds]
+    row.query_ms = summarize([t for m in measurements for t in m.query_ms])
+    row.batch_ms = summarize([t for m in measurements for t in m.batch_ms])
     row.rounds = [
         RoundResult(len(corpus.texts) / s, median(m.query_ms) if m.query_ms else None)
-        for m, s in zip(ms, round_seconds, strict=True)
+        for m, s in zip(measurements, round_seconds, strict=True)
     ]
-    peaks = [m.peak_memory_bytes for m in ms if m.peak_memory_bytes is not None]
+    peaks = [m.peak_memory_bytes for m in measurements if m.peak_memory_bytes is not None]
     if peaks:
         row.peak_memory_mb = max(peaks) / 2**20
-    row.memory_kind = ms[0].memory_kind
-    row.load_seconds = median([m.load_seconds for m in ms])
-    row.dense = ms[-1].dense
-    row.notes += ms[0].notes
-    rates = [m.matmul_tflops for m in ms if m.matmul_tflops]
+    row.memory_kind = measurements[0].memory_kind
+    row.load_seconds = median([m.load_seconds for m in measurements])
+    row.dense = measurements[-1].dense
+    # What a library reports it ran is the same each round; a round's own warning is kept too.
+    row.notes += list(dict.fromkeys(note for m in measurements for note in m.notes))
+    rates = [m.matmul_tflops for m in measurements if m.matmul_tflops]
     if flops_per_token:
         row.model_tflops = row.tokens_per_s * flops_per_token / 1e12
         if rates:

@@ -106,9 +106,11 @@ def _speedup(row: Row) -> str:
 
 
 def _per_round(row: Row) -> str:
-    rates = " / ".join(f"{r.texts_per_s:.2f}" for r in row.rounds)
-    queries = " / ".join("—" if r.query_p50_ms is None else f"{r.query_p50_ms:.0f}" for r in row.rounds)
-    return f"per round: {rates} texts/s, query p50 {queries} ms"
+    note = "per round: " + " / ".join(f"{r.texts_per_s:.2f}" for r in row.rounds) + " texts/s"
+    if any(r.query_p50_ms is not None for r in row.rounds):
+        queries = " / ".join("—" if r.query_p50_ms is None else f"{r.query_p50_ms:.0f}" for r in row.rounds)
+        note += f", query p50 {queries} ms"
+    return note
 
 
 def _ratio_cell(values: list[float]) -> str:
@@ -120,12 +122,13 @@ def _ratio_cell(values: list[float]) -> str:
 
 
 def ratio_table(ratios: list[PairRatio]) -> str:
-    """Markdown table of the asked pairs: each ratio taken within a round, then the median of the rounds."""
-    header = ["ratio", "texts/s: faster / slower", "query p50: slower / faster", "rounds"]
+    """Markdown table of the asked A/B pairs: each ratio taken within a round, then the median of the rounds.
+    Both ratios read the same way: above 1, A is the faster."""
+    header = ["A / B", "texts/s: A / B", "query p50: B / A", "rounds", "notes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in ratios:
-        cells = [f"{r.faster} / {r.slower}", _ratio_cell(r.texts_per_s), _ratio_cell(r.query),
-                 r.reason or str(len(r.texts_per_s))]
+        cells = [f"{r.a} / {r.b}", _ratio_cell(r.texts_per_s), _ratio_cell(r.query_p50),
+                 str(len(r.texts_per_s)), (r.reason or "").replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -142,7 +145,7 @@ def offline_summary(report: OfflineReport) -> str:
         + ("one fresh process per row" if report.isolated else "all rows in one process")
         + (f"; {report.rounds} rounds in alternating row order: texts/s is the median of the rounds, query "
            "percentiles pool every round's calls, a speed-up or ratio is the median of same-round ratios "
-           "(min-max in brackets)"
+           "(min-max in brackets; a query ratio compares each round's p50)"
            if report.rounds > 1 else "")
     )
 

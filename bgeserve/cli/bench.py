@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bgeserve.bench.configs import DEFAULT_CONFIGS, BenchConfig, parse_config
+from bgeserve.bench.configs import DEFAULT_CONFIGS
 
 EPILOG = """\
 examples:
@@ -68,9 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--rounds", type=int, default=1, help="run every row this many times, in alternating "
                      "order, for figures that hold on a machine whose speed drifts: texts/s is the median of "
                      "the rounds, a speed-up the median of same-round ratios (1)")
-    off.add_argument("--ratios", default="", help="comma list of FASTER/SLOWER pairs of rows (e.g. "
-                     "onnx-int8/cpu-bf16,cpu-bf16/openvino-bf16): a table of their texts/s and query ratios, "
-                     "each taken within a round")
+    off.add_argument("--ratios", default="", help="comma list of A/B pairs of rows (e.g. "
+                     "onnx-int8/cpu-bf16,cpu-bf16/openvino-bf16): a table of how many times faster A is than B, "
+                     "in texts/s and short query, each ratio taken within a round")
     off.add_argument("--inline", action="store_true",
                      help="run every row in this process instead of a fresh process per row "
                      "(faster start; the memory column is then less exact)")
@@ -86,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     http.add_argument("--model-name", default="bgeserve", help="`model` field of OpenAI requests")
     p.add_argument("--batch", type=int, help="texts per latency batch (offline, default 32) "
                    "or per request (HTTP, default 1)")
-    p.add_argument("--timeout", type=float, help="seconds per row (offline, default none) "
+    p.add_argument("--timeout", type=float, help="seconds per row and round (offline, default none) "
                    "or per request (HTTP, default 60)")
     p.add_argument("--json", type=Path, help="write the full results as JSON here")
     p.add_argument("--plot", type=Path, help="draw throughput and latency into this PNG (needs matplotlib)")
@@ -186,6 +186,7 @@ def _run_offline(args: argparse.Namespace) -> int:
         parse_compare,
         parse_config,
         parse_config_list,
+        parse_pairs,
         probe_machine,
     )
     from bgeserve.bench.flops import projection_flops_per_token
@@ -201,7 +202,7 @@ def _run_offline(args: argparse.Namespace) -> int:
     try:
         configs = parse_config_list(args.configs) + parse_compare(args.compare)
         baseline = parse_config(args.baseline) if args.baseline else None
-        pairs = _parse_pairs(args.ratios)
+        pairs = parse_pairs(args.ratios)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     configs = list(dict.fromkeys(configs))
@@ -258,19 +259,6 @@ def _run_offline(args: argparse.Namespace) -> int:
     _write_outputs(args, rep.offline_json(report, machine, _command_line()),
                    lambda path: rep.plot_offline(report, path))
     return 0 if any(r.status == "ok" for r in report.rows) else 1
-
-
-def _parse_pairs(text: str) -> list[tuple[BenchConfig, BenchConfig]]:
-    """"a/b,c/d" -> [(a, b), (c, d)]; a bad pair raises ValueError with what was wrong."""
-    pairs = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        names = item.split("/")
-        if len(names) != 2 or not all(n.strip() for n in names):
-            raise ValueError(f"--ratios takes FASTER/SLOWER pairs of configs, not {item!r}")
-        pairs.append((parse_config(names[0].strip()), parse_config(names[1].strip())))
-    return pairs
 
 
 # --- HTTP ------------------------------------------------------------------------------------------

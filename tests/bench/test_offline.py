@@ -166,7 +166,9 @@ def test_all_outputs_and_untimed_reference(tiny_m3, corpus_file, capsys, tmp_pat
         (["--plot", "out.svg"], ".png"),
         (["--duration", "5"], "HTTP mode"),
         (["--rounds", "0"], "--rounds must be at least 1"),
-        (["--ratios", "cpu-fp32"], "FASTER/SLOWER"),
+        (["--ratios", "cpu-fp32"], "A/B pairs"),
+        (["--ratios", "cpu-fp32/cpu-fp32"], "a row against itself"),
+        (["--ratios", "bogus/cpu-fp32"], "unknown config"),
         (["--configs", "cpu-fp32", "--ratios", "cpu-int8/cpu-fp32"], "not among the configs"),
     ],
 )
@@ -283,27 +285,46 @@ def test_rounds_alternate_the_order_and_ratios_are_taken_within_a_round(monkeypa
     assert rows["cpu-fp32"].query_ms.n == 3 and rows["cpu-fp32"].corpus_seconds == [1.0, 3.0, 2.0]
     (ratio,) = report.ratios
     assert ratio.texts_per_s == pytest.approx([3.0, 1.0, 3.0])
-    assert ratio.query == pytest.approx([4.0, 1.0, 3.0])  # int8's query p50 over fp32's, round by round
+    assert ratio.query_p50 == pytest.approx([4.0, 1.0, 3.0])  # int8's query p50 over fp32's, round by round
     assert ratio.as_dict()["texts_per_s_ratio"] == pytest.approx(3.0)
     table = offline_table(report)
     assert "3.00x (1.00-3.00)" in table and "per round: 2.00 / 0.67 / 1.00 texts/s" in table
-    assert "cpu-fp32 / cpu-int8 | 3.00x (1.00-3.00) | 3.00x (1.00-4.00) | 3" in ratio_table(report.ratios)
+    assert "| cpu-fp32 / cpu-int8 | 3.00x (1.00-3.00) | 3.00x (1.00-4.00) | 3 |  |" in ratio_table(report.ratios)
 
 
 def test_a_row_that_fails_in_one_round_fails_and_is_not_run_again(monkeypatch):
-    fp32, int8 = BenchConfig("cpu", "fp32"), BenchConfig("cpu", "int8")
+    fp32, int8, cuda = BenchConfig("cpu", "fp32"), BenchConfig("cpu", "int8"), BenchConfig("cuda", "fp16")
     calls = _scripted_run(monkeypatch, {
         "cpu-fp32": [_measured(1.0, 10.0)] * 3,
         "cpu-int8": [_measured(1.0, 10.0), JobOutcome("failed", "out of memory")],
     })
     corpus = Corpus("x", ["a", "b"], [3, 3], "a", 3, ["a"], 3)
-    plan = OfflinePlan([fp32, int8], RunSettings("m"), MeasureOptions(), corpus, rounds=3, ratios=[(int8, fp32)])
-    report = offline.run_offline(plan, MachineFacts())
-    assert calls.count("cpu-int8") == 2 and calls.count("cpu-fp32") == 3
+    plan = OfflinePlan([fp32, int8, cuda], RunSettings("m"), MeasureOptions(), corpus, baseline=int8, rounds=3,
+                       ratios=[(int8, fp32), (fp32, cuda)])
+    report = offline.run_offline(plan, MachineFacts())  # no CUDA here: that row is skipped
+    assert calls.count("cpu-int8") == 2 and calls.count("cpu-fp32") == 3 and "cuda-fp16" not in calls
     rows = {row.name: row for row in report.rows}
     assert rows["cpu-int8"].status == "failed" and rows["cpu-int8"].reason == "round 2 of 3: out of memory"
     assert rows["cpu-int8"].texts_per_s is None and rows["cpu-fp32"].status == "ok"
-    assert report.ratios[0].texts_per_s == [] and report.ratios[0].reason == "cpu-int8 failed"
+    # The failed baseline gives no speed-ups, and a ratio with a row that did not run says why.
+    assert rows["cpu-fp32"].speedup is None and "baseline (failed): no speed-ups" in rows["cpu-int8"].notes
+    assert [r.texts_per_s for r in report.ratios] == [[], []]
+    assert report.ratios[0].reason == "cpu-int8 failed: round 2 of 3: out of memory"
+    assert report.ratios[1].reason.startswith("cuda-fp16 skipped: ")
+    assert "| cpu-int8 / cpu-fp32 | — | — | 0 | cpu-int8 failed" in ratio_table(report.ratios)
+
+
+def test_ratios_without_query_runs_leave_the_query_cell_empty(monkeypatch):
+    fp32, int8 = BenchConfig("cpu", "fp32"), BenchConfig("cpu", "int8")
+    untimed_query = JobOutcome("ok", measurement=Measurement(corpus_seconds=[1.0], dense=np.eye(2, 4)))
+    _scripted_run(monkeypatch, {"cpu-fp32": [_measured(1.0, 10.0)] * 2, "cpu-int8": [untimed_query] * 2})
+    corpus = Corpus("x", ["a", "b"], [3, 3], "a", 3, ["a"], 3)
+    plan = OfflinePlan([fp32, int8], RunSettings("m"), MeasureOptions(query_runs=0), corpus, rounds=2,
+                       ratios=[(int8, fp32)])
+    report = offline.run_offline(plan, MachineFacts())
+    assert report.ratios[0].texts_per_s == [1.0, 1.0] and report.ratios[0].query_p50 == []
+    assert "| cpu-int8 / cpu-fp32 | 1.00x | — | 2 |" in ratio_table(report.ratios)
+    assert "per round: 2.00 / 2.00 texts/s |" in offline_table(report)  # no query part in the note
 
 
 def test_rounds_and_ratios_from_the_command_line(tiny_m3, corpus_file, capsys, tmp_path):
@@ -312,12 +333,14 @@ def test_rounds_and_ratios_from_the_command_line(tiny_m3, corpus_file, capsys, t
                             "--configs", "cpu-fp32,cpu-int8", "--rounds", "2", "--ratios", "cpu-int8/cpu-fp32",
                             "--json", str(out_json))
     assert code == 0
-    assert "round 2/2 [2/2] cpu-int8: running" in err and "2 rounds in alternating row order" in out
-    assert "| cpu-int8 / cpu-fp32 |" in out
+    running = [line for line in err.splitlines() if line.endswith(": running")]
+    assert running == ["round 1/2 [1/2] cpu-fp32: running", "round 1/2 [2/2] cpu-int8: running",
+                       "round 2/2 [2/2] cpu-int8: running", "round 2/2 [1/2] cpu-fp32: running"]
+    assert "2 rounds in alternating row order" in out and "| cpu-int8 / cpu-fp32 |" in out
     doc = json.loads(out_json.read_text(encoding="utf-8"))
     assert doc["protocol"]["rounds"] == 2
     rows = {r["config"]: r for r in doc["rows"]}
     assert len(rows["cpu-int8"]["rounds"]) == 2 and len(rows["cpu-int8"]["corpus_seconds"]) == 4
     (ratio,) = doc["ratios"]
-    assert ratio["faster"] == "cpu-int8" and len(ratio["texts_per_s_ratio_per_round"]) == 2
+    assert ratio["a"] == "cpu-int8" and ratio["b"] == "cpu-fp32" and len(ratio["texts_per_s_ratio_per_round"]) == 2
     assert ratio["texts_per_s_ratio"] == pytest.approx(rows["cpu-int8"]["speedup"])  # fp32 is the baseline
