@@ -259,6 +259,10 @@ def _scripted_run(monkeypatch, script: dict[str, list[JobOutcome]]) -> list[str]
     return calls
 
 
+def _two_texts() -> Corpus:
+    return Corpus("x", ["a", "b"], [3, 3], "a", 3, ["a"], 3)
+
+
 def _measured(seconds: float, query_ms: float) -> JobOutcome:
     vectors = np.eye(2, 4, dtype=np.float32)  # two texts, the fidelity column needs their vectors
     return JobOutcome("ok", measurement=Measurement(corpus_seconds=[seconds], query_ms=[query_ms], dense=vectors))
@@ -272,8 +276,7 @@ def test_rounds_alternate_the_order_and_ratios_are_taken_within_a_round(monkeypa
         "cpu-fp32": [_measured(1.0, 10.0), _measured(3.0, 30.0), _measured(2.0, 20.0)],
         "cpu-int8": [_measured(3.0, 40.0), _measured(3.0, 30.0), _measured(6.0, 60.0)],
     })
-    corpus = Corpus("x", ["a", "b"], [3, 3], "a", 3, ["a"], 3)
-    plan = OfflinePlan([fp32, int8], RunSettings("m"), MeasureOptions(), corpus, baseline=int8, rounds=3,
+    plan = OfflinePlan([fp32, int8], RunSettings("m"), MeasureOptions(), _two_texts(), baseline=int8, rounds=3,
                        ratios=[(fp32, int8)])
     report = offline.run_offline(plan, MachineFacts())
     assert calls == ["cpu-fp32", "cpu-int8", "cpu-int8", "cpu-fp32", "cpu-fp32", "cpu-int8"]
@@ -298,8 +301,7 @@ def test_a_row_that_fails_in_one_round_fails_and_is_not_run_again(monkeypatch):
         "cpu-fp32": [_measured(1.0, 10.0)] * 3,
         "cpu-int8": [_measured(1.0, 10.0), JobOutcome("failed", "out of memory")],
     })
-    corpus = Corpus("x", ["a", "b"], [3, 3], "a", 3, ["a"], 3)
-    plan = OfflinePlan([fp32, int8, cuda], RunSettings("m"), MeasureOptions(), corpus, baseline=int8, rounds=3,
+    plan = OfflinePlan([fp32, int8, cuda], RunSettings("m"), MeasureOptions(), _two_texts(), baseline=int8, rounds=3,
                        ratios=[(int8, fp32), (fp32, cuda)])
     report = offline.run_offline(plan, MachineFacts())  # no CUDA here: that row is skipped
     assert calls.count("cpu-int8") == 2 and calls.count("cpu-fp32") == 3 and "cuda-fp16" not in calls
@@ -318,8 +320,7 @@ def test_ratios_without_query_runs_leave_the_query_cell_empty(monkeypatch):
     fp32, int8 = BenchConfig("cpu", "fp32"), BenchConfig("cpu", "int8")
     untimed_query = JobOutcome("ok", measurement=Measurement(corpus_seconds=[1.0], dense=np.eye(2, 4)))
     _scripted_run(monkeypatch, {"cpu-fp32": [_measured(1.0, 10.0)] * 2, "cpu-int8": [untimed_query] * 2})
-    corpus = Corpus("x", ["a", "b"], [3, 3], "a", 3, ["a"], 3)
-    plan = OfflinePlan([fp32, int8], RunSettings("m"), MeasureOptions(query_runs=0), corpus, rounds=2,
+    plan = OfflinePlan([fp32, int8], RunSettings("m"), MeasureOptions(query_runs=0), _two_texts(), rounds=2,
                        ratios=[(int8, fp32)])
     report = offline.run_offline(plan, MachineFacts())
     assert report.ratios[0].texts_per_s == [1.0, 1.0] and report.ratios[0].query_p50 == []
