@@ -16,8 +16,11 @@ _VERSIONED = ("bgeserve", "torch", "transformers", "onnxruntime", "FlagEmbedding
 
 
 def machine_info() -> dict:
-    """CPU model, cores and library versions: what a reader needs to compare two tables."""
+    """CPU model, its speed-relevant flags, cores and library versions: what a reader needs to compare
+    two tables."""
     import torch
+
+    from bgeserve.runtime.cpu_features import speed_flags
 
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for package in _VERSIONED:
@@ -27,6 +30,7 @@ def machine_info() -> dict:
             versions[package] = None
     info: dict[str, object] = {
         "cpu": _cpu_model(),
+        "cpu_flags": speed_flags(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -48,6 +52,19 @@ def _cpu_model() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return platform.processor() or "unknown"
+
+
+def machine_line(machine: dict) -> str:
+    """One line naming the machine a table was measured on, printed above it."""
+    flags = machine.get("cpu_flags") or []
+    amx = "" if any(f.startswith("amx") for f in flags) else ", no AMX"
+    versions = machine.get("versions", {})
+    libraries = ", ".join(f"{name} {versions[name]}" for name in ("torch", "onnxruntime") if versions.get(name))
+    line = (f"machine: {machine.get('cpu')}, {machine.get('cores')} cores "
+            f"({' '.join(flags) or 'no AVX2 or newer flag seen'}{amx}); {libraries}")
+    if machine.get("gpu"):
+        line += "; GPU " + ", ".join(machine["gpu"])
+    return line
 
 
 # --- offline ---------------------------------------------------------------------------------------

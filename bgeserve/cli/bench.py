@@ -250,6 +250,7 @@ def _run_offline(args: argparse.Namespace) -> int:
                f"{corpus.total_tokens} tokens; {len(configs)} rows")
     report = run_offline(plan, probe_machine(openvino_python), progress=stderr_log)
     machine = rep.machine_info()
+    print(rep.machine_line(machine))
     print(rep.offline_summary(report))
     print()
     print(rep.offline_table(report))

@@ -45,6 +45,16 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
+# The flags that decide which kernels and precisions are fast here: what a benchmark figure must name.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+
+
+def speed_flags(flags: Collection[str] | None = None) -> list[str]:
+    """Which of SPEED_FLAGS this CPU has, in that order. `flags`: /proc/cpuinfo's (the default)."""
+    have = set(cpu_flags() if flags is None else flags)
+    return [flag for flag in SPEED_FLAGS if flag in have]
+
+
 def cpu_has_vnni(flags: Collection[str] | None = None) -> bool:
     """True when the CPU multiplies u8 x s8 without 16-bit saturation (AVX512-VNNI, AVX-VNNI, AMX).
     `flags`: /proc/cpuinfo's, as cpu_flags() reads them (the default)."""

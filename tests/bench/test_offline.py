@@ -17,6 +17,7 @@ from bgeserve.bench.report import offline_table, ratio_table
 from bgeserve.bench.runners import RunSettings
 from bgeserve.cli import main
 from bgeserve.models.config import EncoderConfig
+from bgeserve.runtime.cpu_features import SPEED_FLAGS
 
 FAST = ["--repeats", "2", "--query-runs", "3", "--batch-runs", "2", "--batch", "4"]
 
@@ -78,6 +79,7 @@ def test_json_shape_ratios_and_fidelity(inline_run, tiny_m3):
     assert doc["mode"] == "offline" and doc["baseline"] == "cpu-fp32-t1"
     assert doc["corpus"]["texts"] == 10 and doc["corpus"]["tokens"] > 10
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["versions"]["torch"]
+    assert set(doc["machine"]["cpu_flags"]) <= set(SPEED_FLAGS)
     rows = {r["config"]: r for r in doc["rows"]}
     assert list(rows) == ["cpu-fp32-t1", "cpu-fp32", "cpu-int8", "onnx-fp32", "cuda-fp16",
                           "transformers-fp32", "flagembedding-fp32"]
@@ -338,6 +340,7 @@ def test_rounds_and_ratios_from_the_command_line(tiny_m3, corpus_file, capsys, t
     assert running == ["round 1/2 [1/2] cpu-fp32: running", "round 1/2 [2/2] cpu-int8: running",
                        "round 2/2 [2/2] cpu-int8: running", "round 2/2 [1/2] cpu-fp32: running"]
     assert "2 rounds in alternating row order" in out and "| cpu-int8 / cpu-fp32 |" in out
+    assert out.startswith("machine: ") and " cores (" in out.splitlines()[0]
     doc = json.loads(out_json.read_text(encoding="utf-8"))
     assert doc["protocol"]["rounds"] == 2
     rows = {r["config"]: r for r in doc["rows"]}
@@ -345,3 +348,22 @@ def test_rounds_and_ratios_from_the_command_line(tiny_m3, corpus_file, capsys, t
     (ratio,) = doc["ratios"]
     assert ratio["a"] == "cpu-int8" and ratio["b"] == "cpu-fp32" and len(ratio["texts_per_s_ratio_per_round"]) == 2
     assert ratio["texts_per_s_ratio"] == pytest.approx(rows["cpu-int8"]["speedup"])  # fp32 is the baseline
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        ({"fpu", "avx", "avx2", "fma"}, "(avx2, no AMX)"),  # AMD EPYC Zen 2/3
+        ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "sha_ni"}, "(avx2 avx512f avx512_vnni avx512_bf16, no AMX)"),
+        ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"},
+         "(avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8)"),  # Sapphire Rapids
+        (set(), "(no AVX2 or newer flag seen, no AMX)"),
+    ],
+)
+def test_the_machine_line_names_the_cpu_and_its_speed_flags(flags, named):
+    from bgeserve.bench.report import machine_line
+    from bgeserve.runtime.cpu_features import speed_flags
+
+    machine = {"cpu": "Some CPU", "cores": 2, "cpu_flags": speed_flags(flags), "gpu": None,
+               "versions": {"torch": "2.13.0", "onnxruntime": None}}
+    assert machine_line(machine) == f"machine: Some CPU, 2 cores {named}; torch 2.13.0"
