@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import subprocess
 from pathlib import Path
 
 from bgeserve.bench.http_load import LevelResult, Target
@@ -20,7 +19,7 @@ def machine_info() -> dict:
     two tables."""
     import torch
 
-    from bgeserve.runtime.cpu_features import speed_flags
+    from bgeserve.runtime.cpu_info import cpu_model, speed_flags
 
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for package in _VERSIONED:
@@ -29,7 +28,7 @@ def machine_info() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     info: dict[str, object] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_flags": speed_flags(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -41,17 +40,6 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_line(machine: dict) -> str:

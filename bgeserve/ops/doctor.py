@@ -15,6 +15,7 @@ from typing import Any
 
 from bgeserve.ops.gpu_probe import GpuFacts, GpuInfo, auto_device_rule, requirement_name
 from bgeserve.ops.torch_index import PYTORCH_INDEX
+from bgeserve.runtime.cpu_info import cpu_class
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 _RANK = {OK: 0, WARN: 1, FAIL: 2}
@@ -227,6 +228,7 @@ def run_checks(facts: GpuFacts) -> list[Check]:
     """Every check the doctor makes from facts alone (the model check needs the machine itself)."""
     return [
         check_python(facts),
+        check_cpu(facts),
         check_torch(facts),
         check_cudnn(facts),
         check_onnxruntime(facts),
@@ -245,6 +247,21 @@ def check_python(facts: GpuFacts) -> Check:
     if found and found[:2] < MIN_PYTHON:
         return Check("python", FAIL, evidence, "use Python >= 3.11 (make PYTHON=python3.11 dev)")
     return Check("python", OK, evidence)
+
+
+def check_cpu(facts: GpuFacts) -> Check:
+    """The CPU's kernel class (from its flags) and what bgeserve runs on it; a warning below AVX2."""
+    if not facts.cpu_model:
+        return Check("cpu", OK, "not probed (facts recorded by an older bgeserve)")
+    if "Linux" not in facts.platform or "x86_64" not in facts.platform:
+        return Check("cpu", OK, f"{facts.cpu_model}, {facts.cpu_cores} cores; the kernel class is read from "
+                                "x86-64 Linux's /proc/cpuinfo only")
+    name, meaning = cpu_class(facts.cpu_flags)
+    flags = " ".join(facts.cpu_flags) or "none of avx2, avx512, VNNI, AMX"
+    evidence = f"{facts.cpu_model}, {facts.cpu_cores} cores, flags {flags}: {name} class; {meaning}"
+    if "avx2" not in facts.cpu_flags:
+        return Check("cpu", WARN, evidence, "expect several times lower CPU throughput than on an AVX2 CPU")
+    return Check("cpu", OK, evidence)
 
 
 def _cuda_tag(facts: GpuFacts) -> str:

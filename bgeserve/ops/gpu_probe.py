@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bgeserve.runtime.cpu_info import cpu_model, speed_flags
+
 # Outside tools must answer quickly; a hung nvidia-smi (a wedged driver) must not hang the doctor.
 _TOOL_TIMEOUT_S = 20.0
 
@@ -73,6 +75,9 @@ class GpuFacts:
     onnxruntime_providers: list[str] = field(default_factory=list)
     packages: dict[str, str | None] = field(default_factory=dict)  # dependency -> installed version
     requirements: list[str] = field(default_factory=list)  # bgeserve's declared dependencies
+    cpu_model: str = ""  # as lscpu names it; "" = not probed (older recordings)
+    cpu_cores: int = 0  # os.cpu_count()
+    cpu_flags: list[str] = field(default_factory=list)  # the speed-relevant ones (runtime.cpu_info.SPEED_FLAGS)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; `facts_from_dict` reads it back."""
@@ -162,6 +167,7 @@ def probe(kernel_test: bool = True) -> GpuFacts:
     _probe_onnxruntime(facts)
     _probe_packages(facts)
     facts.auto_device = _auto_device(facts)
+    facts.cpu_model, facts.cpu_cores, facts.cpu_flags = cpu_model(), os.cpu_count() or 0, speed_flags()
     return facts
 
 

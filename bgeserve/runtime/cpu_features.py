@@ -11,10 +11,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
-from pathlib import Path
 
 import torch
 
+from bgeserve.runtime.cpu_info import VNNI_FLAGS, cpu_flags
 from bgeserve.runtime.cpu_linear import PackedWeightLinear, onednn_linear_available
 
 log = logging.getLogger(__name__)
@@ -32,33 +32,10 @@ def cpu_has_native_bf16(capabilities: Mapping[str, object] | None = None) -> boo
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
-    """The first CPU's feature flags in `cpuinfo` (`avx2`, `avx512_vnni`, `amx_int8`, ...); empty when
-    unreadable (not Linux)."""
-    try:
-        with open(cpuinfo, encoding="ascii", errors="replace") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-# The flags that decide which kernels and precisions are fast here: what a benchmark figure must name.
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
-
-
-def speed_flags(flags: Collection[str] | None = None) -> list[str]:
-    """Which of SPEED_FLAGS this CPU has, in that order. `flags`: /proc/cpuinfo's (the default)."""
-    have = set(cpu_flags() if flags is None else flags)
-    return [flag for flag in SPEED_FLAGS if flag in have]
-
-
 def cpu_has_vnni(flags: Collection[str] | None = None) -> bool:
     """True when the CPU multiplies u8 x s8 without 16-bit saturation (AVX512-VNNI, AVX-VNNI, AMX).
     `flags`: /proc/cpuinfo's, as cpu_flags() reads them (the default)."""
-    return bool(set(cpu_flags() if flags is None else flags) & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(set(cpu_flags() if flags is None else flags) & VNNI_FLAGS)
 
 
 def matmul_rate(dtype: torch.dtype, rows: int = 256, size: int = 1024, repeats: int = 3) -> float:

@@ -17,7 +17,7 @@ from bgeserve.bench.report import offline_table, ratio_table
 from bgeserve.bench.runners import RunSettings
 from bgeserve.cli import main
 from bgeserve.models.config import EncoderConfig
-from bgeserve.runtime.cpu_features import SPEED_FLAGS
+from bgeserve.runtime.cpu_info import SPEED_FLAGS
 
 FAST = ["--repeats", "2", "--query-runs", "3", "--batch-runs", "2", "--batch", "4"]
 
@@ -362,7 +362,7 @@ def test_rounds_and_ratios_from_the_command_line(tiny_m3, corpus_file, capsys, t
 )
 def test_the_machine_line_names_the_cpu_and_its_speed_flags(flags, named):
     from bgeserve.bench.report import machine_line
-    from bgeserve.runtime.cpu_features import speed_flags
+    from bgeserve.runtime.cpu_info import speed_flags
 
     machine = {"cpu": "Some CPU", "cores": 2, "cpu_flags": speed_flags(flags), "gpu": None,
                "versions": {"torch": "2.13.0", "onnxruntime": None}}

@@ -11,6 +11,7 @@ import pytest
 
 from bgeserve.ops import gpu_probe
 from bgeserve.ops.gpu_probe import GpuFacts, GpuInfo, apply_visible_devices, facts_from_dict, probe
+from bgeserve.runtime.cpu_info import SPEED_FLAGS
 
 MACHINES = Path(__file__).parent / "machines"
 
@@ -44,6 +45,7 @@ def test_probe_on_this_machine_does_not_raise_and_round_trips(monkeypatch: pytes
     assert facts.torch_version  # torch is installed here
     assert facts.device_env == "auto"
     assert facts.auto_device in {"cpu", "cuda:0"}
+    assert facts.cpu_model and facts.cpu_cores >= 1 and set(facts.cpu_flags) <= set(SPEED_FLAGS)
     again = facts_from_dict(json.loads(json.dumps(facts.to_dict())))
     assert again == facts
 

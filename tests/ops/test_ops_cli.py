@@ -56,7 +56,7 @@ def test_doctor_on_this_machine(capsys: pytest.CaptureFixture[str], monkeypatch:
     report = json.loads(capsys.readouterr().out)
     assert status == report["exit_status"]
     names = [c["name"] for c in report["checks"]]
-    assert names[:7] == ["python", "torch", "cudnn", "onnxruntime", "dependencies", "driver", "nvcc"]
+    assert names[:8] == ["python", "cpu", "torch", "cudnn", "onnxruntime", "dependencies", "driver", "nvcc"]
     assert names[-1] == "devices"
     assert report["facts"]["torch_version"]
 
