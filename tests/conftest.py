@@ -93,7 +93,7 @@ def simulate_cpu(monkeypatch: pytest.MonkeyPatch):
     still this machine's, so only tests whose numbers hold on any x86-64 CPU should use it."""
     import torch
 
-    from bgeserve.runtime import cpu_features, devices
+    from bgeserve.runtime import cpu_features, cpu_info, devices
 
     def simulate(name: str) -> CpuClass:
         cpu = CPU_CLASSES[name]
@@ -101,7 +101,8 @@ def simulate_cpu(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(cpu_features, "cpu_capabilities", lambda: dict.fromkeys(cpu.flags, True))
         monkeypatch.setattr(cpu_features, "matmul_rate", rates.__getitem__)
         monkeypatch.setattr(cpu_features, "int8_product_rate", lambda: cpu.int8_rate)
-        monkeypatch.setattr(cpu_features, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": cpu.flags)
+        for module in (cpu_features, cpu_info):  # the choices, and what the bench and doctor report
+            monkeypatch.setattr(module, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": cpu.flags)
         if not cpu.onednn_packs_bf16:
             _refuse_onednn_bf16(monkeypatch)
         devices._cpu_auto_dtype.cache_clear()

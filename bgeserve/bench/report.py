@@ -45,11 +45,15 @@ def machine_info() -> dict:
 def machine_line(machine: dict) -> str:
     """One line naming the machine a table was measured on, printed above it."""
     flags = machine.get("cpu_flags") or []
-    amx = "" if any(f.startswith("amx") for f in flags) else ", no AMX"
+    if flags:
+        amx = "" if any(f.startswith("amx") for f in flags) else ", no AMX"
+        named = f"({' '.join(flags)}{amx})"
+    else:
+        named = "(no x86 speed flag read)"
     versions = machine.get("versions", {})
     libraries = ", ".join(f"{name} {versions[name]}" for name in ("torch", "onnxruntime") if versions.get(name))
-    line = (f"machine: {machine.get('cpu')}, {machine.get('cores')} cores "
-            f"({' '.join(flags) or 'no AVX2 or newer flag seen'}{amx}); {libraries}")
+    line = f"machine: {machine.get('cpu')}, {machine.get('cores')} cores {named}" + (
+        f"; {libraries}" if libraries else "")
     if machine.get("gpu"):
         line += "; GPU " + ", ".join(machine["gpu"])
     return line

@@ -253,14 +253,17 @@ def check_cpu(facts: GpuFacts) -> Check:
     """The CPU's kernel class (from its flags) and what bgeserve runs on it; a warning below AVX2."""
     if not facts.cpu_model:
         return Check("cpu", OK, "not probed (facts recorded by an older bgeserve)")
+    machine = f"{facts.cpu_model}, {facts.cpu_cores} cores"
     if "Linux" not in facts.platform or "x86_64" not in facts.platform:
-        return Check("cpu", OK, f"{facts.cpu_model}, {facts.cpu_cores} cores; the kernel class is read from "
-                                "x86-64 Linux's /proc/cpuinfo only")
+        return Check("cpu", OK, f"{machine}; the kernel class is read from x86-64 Linux's /proc/cpuinfo only")
+    if not facts.cpu_flags_read:
+        return Check("cpu", OK, f"{machine}; /proc/cpuinfo gave no flags, so the kernel class is unknown")
     name, meaning = cpu_class(facts.cpu_flags)
     flags = " ".join(facts.cpu_flags) or "none of avx2, avx512, VNNI, AMX"
-    evidence = f"{facts.cpu_model}, {facts.cpu_cores} cores, flags {flags}: {name} class; {meaning}"
+    evidence = f"{machine}, flags {flags}: {name} class; {meaning}"
     if "avx2" not in facts.cpu_flags:
-        return Check("cpu", WARN, evidence, "expect several times lower CPU throughput than on an AVX2 CPU")
+        return Check("cpu", WARN, f"{evidence}; expect several times less throughput than on an AVX2 CPU",
+                     "run on a CPU with AVX2 or newer, or on a GPU")
     return Check("cpu", OK, evidence)
 
 

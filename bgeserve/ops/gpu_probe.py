@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bgeserve.runtime.cpu_info import cpu_model, speed_flags
+from bgeserve.runtime.cpu_info import cpu_flags, cpu_model, speed_flags
 
 # Outside tools must answer quickly; a hung nvidia-smi (a wedged driver) must not hang the doctor.
 _TOOL_TIMEOUT_S = 20.0
@@ -78,6 +78,7 @@ class GpuFacts:
     cpu_model: str = ""  # as lscpu names it; "" = not probed (older recordings)
     cpu_cores: int = 0  # os.cpu_count()
     cpu_flags: list[str] = field(default_factory=list)  # the speed-relevant ones (runtime.cpu_info.SPEED_FLAGS)
+    cpu_flags_read: bool = False  # whether /proc/cpuinfo gave any flags at all
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; `facts_from_dict` reads it back."""
@@ -167,7 +168,9 @@ def probe(kernel_test: bool = True) -> GpuFacts:
     _probe_onnxruntime(facts)
     _probe_packages(facts)
     facts.auto_device = _auto_device(facts)
-    facts.cpu_model, facts.cpu_cores, facts.cpu_flags = cpu_model(), os.cpu_count() or 0, speed_flags()
+    flags = cpu_flags()
+    facts.cpu_model, facts.cpu_cores, facts.cpu_flags = cpu_model(), os.cpu_count() or 0, speed_flags(flags)
+    facts.cpu_flags_read = bool(flags)
     return facts
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Mapping
 
 import torch
 
-from bgeserve.runtime.cpu_info import VNNI_FLAGS, cpu_flags
+from bgeserve.runtime.cpu_info import NATIVE_BF16_FLAGS, VNNI_FLAGS, cpu_flags
 from bgeserve.runtime.cpu_linear import PackedWeightLinear, onednn_linear_available
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def cpu_has_native_bf16(capabilities: Mapping[str, object] | None = None) -> boo
     """AVX512-BF16 or AMX: the CPU features that make bf16 matrix products faster than fp32.
     `capabilities`: feature -> present, as cpu_capabilities() gives them (the default)."""
     caps = cpu_capabilities() if capabilities is None else capabilities
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return any(caps.get(flag) for flag in NATIVE_BF16_FLAGS)
 
 
 def cpu_has_vnni(flags: Collection[str] | None = None) -> bool:

@@ -10,6 +10,7 @@ import torch
 
 from bgeserve.errors import DeviceUnavailable
 from bgeserve.runtime import cpu_features
+from bgeserve.runtime.cpu_info import BF16_MIN_SPEEDUP
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,6 @@ def resolve_devices(spec: str | None) -> list[str]:
     return [resolve_device(part) for part in spec.split(",") if part.strip()]
 
 
-# bf16 must beat fp32 by this much in the start-up measurement to be chosen: below it the small loss of
-# precision buys too little.
-BF16_MIN_SPEEDUP = 1.3
 # The int8 note needs a clear margin: the start-up products are small and timed on a possibly busy machine.
 INT8_NOTE_MIN_SPEEDUP = 1.3
 

@@ -10,6 +10,7 @@ import pytest
 from bgeserve.ops import doctor
 from bgeserve.ops.doctor import FAIL, OK, WARN, Check
 from bgeserve.ops.gpu_probe import GpuFacts, load_facts
+from bgeserve.runtime.cpu_info import VNNI_FLAGS
 
 MACHINES = Path(__file__).parent / "machines"
 
@@ -248,19 +249,21 @@ def test_missing_bundled_model_package_is_only_a_warning() -> None:
         (["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"], OK, "AMX class"),
         (["avx2", "avx512f", "avx512_vnni", "avx512_bf16"], OK, "AVX512-BF16 class"),  # Zen 4/5, Cooper Lake
         (["avx2", "avx512f", "avx512_vnni"], OK, "VNNI without native bf16 class"),  # Cascade Lake
+        (["avx2", "avx_vnni"], OK, "VNNI without native bf16 class"),  # Alder Lake and later clients
         (["avx2"], OK, "AVX2 class"),  # Zen 2/3, Haswell to Skylake client
         ([], WARN, "older than AVX2 class"),
     ],
 )
 def test_cpu_check_names_the_kernel_class_and_what_runs_there(flags: list[str], status: str, named: str) -> None:
-    cpu = by_name(checks_of("cpu_only", cpu_model="Some CPU", cpu_cores=2, cpu_flags=flags))["cpu"]
+    cpu = by_name(checks_of("cpu_only", cpu_model="Some CPU", cpu_cores=2, cpu_flags=flags, cpu_flags_read=True))["cpu"]
     assert cpu.status == status and named in cpu.evidence, cpu
     assert cpu.evidence.startswith("Some CPU, 2 cores, flags ")
     # What dtype=auto and the int8 weight encoding do there follows from the same flags.
     bf16 = "amx_bf16" in flags or "avx512_bf16" in flags
-    assert ("takes bf16 where it is faster" in cpu.evidence) is bf16
+    assert ("takes bf16 where it measures at least 1.3x" in cpu.evidence) is bf16
     assert ("keeps fp32" in cpu.evidence) is not bf16
-    vnni = "avx512_vnni" in flags
+    vnni = bool(set(flags) & VNNI_FLAGS)
+    assert (cpu.fix != "") is (status == WARN)
     assert ("stores s8 weights" in cpu.evidence) is vnni and ("stores u8 weights" in cpu.evidence) is not vnni
 
 
@@ -268,3 +271,5 @@ def test_cpu_check_off_x86_linux_and_on_old_recordings() -> None:
     assert by_name(checks_of("cpu_only"))["cpu"].evidence.startswith("not probed")
     mac = by_name(checks_of("cpu_only", cpu_model="Apple M3", cpu_cores=8, platform="Darwin arm64"))["cpu"]
     assert mac.status == OK and "x86-64 Linux" in mac.evidence
+    unread = by_name(checks_of("cpu_only", cpu_model="Some CPU", cpu_cores=2, cpu_flags_read=False))["cpu"]
+    assert unread.status == OK and "gave no flags" in unread.evidence  # not the "no AVX2" warning

@@ -279,17 +279,6 @@ def test_int8_keeps_minilm_dense_fidelity(minilm_path, onnx_cache, int8_weights)
     assert overlap >= 0.9, f"top-10 overlap {overlap:.3f}"
 
 
-def test_cpu_flags_are_read_from_proc_cpuinfo(tmp_path):
-    info = tmp_path / "cpuinfo"
-    info.write_text(
-        "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse4_2 avx avx2 fma\n\n"
-        "processor\t: 1\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
-    )
-    assert cpu_features.cpu_flags(info) == {"fpu", "sse4_2", "avx", "avx2", "fma"}
-    assert cpu_features.cpu_flags(tmp_path / "missing") == frozenset()  # not Linux: no VNNI assumed
-    assert "fpu" in cpu_features.cpu_flags()  # this machine's
-
-
 @pytest.mark.parametrize(
     ("flags", "vnni"),
     [
