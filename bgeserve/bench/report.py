@@ -106,12 +106,10 @@ def offline_table(report: OfflineReport) -> str:
 
 
 def _speedup(row: Row) -> str:
+    # row.speedup is the median of the rounds' ratios, which the cell also shows the range of.
     if row.speedup is None:
         return "—"
-    ratios = [r.speedup for r in row.rounds if r.speedup is not None]
-    if len(ratios) > 1 and min(ratios) != max(ratios):
-        return f"{row.speedup:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
-    return f"{row.speedup:.2f}x"
+    return _ratio_cell([r.speedup for r in row.rounds if r.speedup is not None])
 
 
 def _per_round(row: Row) -> str:

@@ -75,7 +75,7 @@ class GpuFacts:
     onnxruntime_providers: list[str] = field(default_factory=list)
     packages: dict[str, str | None] = field(default_factory=dict)  # dependency -> installed version
     requirements: list[str] = field(default_factory=list)  # bgeserve's declared dependencies
-    cpu_model: str = ""  # as lscpu names it; "" = not probed (older recordings)
+    cpu_model: str = ""  # runtime.cpu_info.cpu_model(); "" = not probed (older recordings)
     cpu_cores: int = 0  # os.cpu_count()
     cpu_flags: list[str] = field(default_factory=list)  # the speed-relevant ones (runtime.cpu_info.SPEED_FLAGS)
     cpu_flags_read: bool = False  # whether /proc/cpuinfo gave any flags at all
