@@ -28,6 +28,14 @@ def _bench(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def _bench_json(capsys, tmp_path, model, corpus, *args: str) -> tuple[int, str, str, dict]:
+    """A FAST bench run of `model` on `corpus`, with its JSON document read back."""
+    out_json = tmp_path / "bench.json"
+    code, out, err = _bench(capsys, "--model", str(model), "--corpus", str(corpus), *FAST, *args,
+                            "--json", str(out_json))
+    return code, out, err, json.loads(out_json.read_text(encoding="utf-8"))
+
+
 def _table_rows(stdout: str) -> dict[str, list[str]]:
     rows = {}
     for line in stdout.splitlines():
@@ -130,11 +138,8 @@ def test_plot_is_a_png(inline_run):
 
 
 def test_a_fresh_process_per_row(tiny_m3, corpus_file, capsys, tmp_path):
-    out_json = tmp_path / "iso.json"
-    code, out, _ = _bench(capsys, "--model", str(tiny_m3), "--corpus", str(corpus_file), *FAST,
-                          "--configs", "cpu-fp32,cpu-int8-t1", "--json", str(out_json))
+    code, out, _, doc = _bench_json(capsys, tmp_path, tiny_m3, corpus_file, "--configs", "cpu-fp32,cpu-int8-t1")
     assert code == 0
-    doc = json.loads(out_json.read_text(encoding="utf-8"))
     assert doc["protocol"]["process_per_row"] is True
     rows = {r["config"]: r for r in doc["rows"]}
     assert rows["cpu-fp32"]["status"] == rows["cpu-int8-t1"]["status"] == "ok"
@@ -145,12 +150,9 @@ def test_a_fresh_process_per_row(tiny_m3, corpus_file, capsys, tmp_path):
 
 def test_all_outputs_and_untimed_reference(tiny_m3, corpus_file, capsys, tmp_path):
     """No fp32 row: fidelity still compares with our fp32, from an extra untimed pass."""
-    out_json = tmp_path / "all.json"
-    code, out, _ = _bench(capsys, "--model", str(tiny_m3), "--corpus", str(corpus_file), "--inline", *FAST,
-                          "--configs", "cpu-int8", "--outputs", "all", "--compare", "transformers-fp32",
-                          "--json", str(out_json))
+    code, out, _, doc = _bench_json(capsys, tmp_path, tiny_m3, corpus_file, "--inline", "--configs", "cpu-int8",
+                                    "--outputs", "all", "--compare", "transformers-fp32")
     assert code == 0
-    doc = json.loads(out_json.read_text(encoding="utf-8"))
     assert doc["settings"]["outputs"] == "all"
     assert doc["fidelity_reference"] == "cpu-fp32 (untimed)"
     rows = {r["config"]: r for r in doc["rows"]}
@@ -220,12 +222,10 @@ def test_onnx_peers_run_on_the_plain_export(wide_m3, corpus_file, capsys, tmp_pa
     """onnxruntime and bge-m3-lite run the same cached export; fp32 is exact, int8 close, all outputs too."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("bge_m3_lite")
-    out_json = tmp_path / "peers.json"
-    code, out, _ = _bench(capsys, "--model", str(wide_m3), "--corpus", str(corpus_file), "--inline", *FAST,
-                          "--configs", "cpu-fp32", "--compare", "onnxruntime-fp32,bgelite",
-                          "--cache-dir", str(tmp_path / "cache"), "--json", str(out_json))
+    code, out, _, doc = _bench_json(capsys, tmp_path, wide_m3, corpus_file, "--inline", "--configs", "cpu-fp32",
+                                    "--compare", "onnxruntime-fp32,bgelite", "--cache-dir", str(tmp_path / "cache"))
     assert code == 0, out
-    rows = {r["config"]: r for r in json.loads(out_json.read_text(encoding="utf-8"))["rows"]}
+    rows = {r["config"]: r for r in doc["rows"]}
     assert list(rows) == ["cpu-fp32", "onnxruntime-fp32", "bgelite-fp32", "bgelite-int8"]
     for row in rows.values():
         assert row["status"] == "ok", row
@@ -241,11 +241,10 @@ def test_onnx_peers_run_on_the_plain_export(wide_m3, corpus_file, capsys, tmp_pa
 
 def test_bgelite_takes_only_bge_m3_width(tiny_m3, corpus_file, capsys, tmp_path):
     pytest.importorskip("bge_m3_lite")
-    out_json = tmp_path / "tiny.json"
-    code, _, _ = _bench(capsys, "--model", str(tiny_m3), "--corpus", str(corpus_file), "--inline", *FAST,
-                        "--configs", "cpu-fp32", "--compare", "bgelite-fp32", "--json", str(out_json))
+    code, _, _, doc = _bench_json(capsys, tmp_path, tiny_m3, corpus_file, "--inline", "--configs", "cpu-fp32",
+                                  "--compare", "bgelite-fp32")
     assert code == 0
-    row = {r["config"]: r for r in json.loads(out_json.read_text(encoding="utf-8"))["rows"]}["bgelite-fp32"]
+    row = {r["config"]: r for r in doc["rows"]}["bgelite-fp32"]
     assert row["status"] == "skipped" and "hidden size 1024" in row["reason"]
 
 
@@ -331,17 +330,14 @@ def test_ratios_without_query_runs_leave_the_query_cell_empty(monkeypatch):
 
 
 def test_rounds_and_ratios_from_the_command_line(tiny_m3, corpus_file, capsys, tmp_path):
-    out_json = tmp_path / "rounds.json"
-    code, out, err = _bench(capsys, "--model", str(tiny_m3), "--corpus", str(corpus_file), "--inline", *FAST,
-                            "--configs", "cpu-fp32,cpu-int8", "--rounds", "2", "--ratios", "cpu-int8/cpu-fp32",
-                            "--json", str(out_json))
+    code, out, err, doc = _bench_json(capsys, tmp_path, tiny_m3, corpus_file, "--inline", "--configs",
+                                      "cpu-fp32,cpu-int8", "--rounds", "2", "--ratios", "cpu-int8/cpu-fp32")
     assert code == 0
     running = [line for line in err.splitlines() if line.endswith(": running")]
     assert running == ["round 1/2 [1/2] cpu-fp32: running", "round 1/2 [2/2] cpu-int8: running",
                        "round 2/2 [2/2] cpu-int8: running", "round 2/2 [1/2] cpu-fp32: running"]
     assert "2 rounds in alternating row order" in out and "| cpu-int8 / cpu-fp32 |" in out
     assert out.startswith("machine: ") and " cores (" in out.splitlines()[0]
-    doc = json.loads(out_json.read_text(encoding="utf-8"))
     assert doc["protocol"]["rounds"] == 2
     rows = {r["config"]: r for r in doc["rows"]}
     assert len(rows["cpu-int8"]["rounds"]) == 2 and len(rows["cpu-int8"]["corpus_seconds"]) == 4
