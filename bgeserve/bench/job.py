@@ -75,10 +75,8 @@ def execute(job: Job) -> JobOutcome:
         measurement.notes = list(getattr(encode, "notes", []))  # what the peer reports it ran (openvino)
         measurement.peak_memory_bytes = memory.stop()
         measurement.memory_kind = memory.kind
-        if config.device.startswith("cuda") or config.kind == "cpu":
-            # After the peak-memory reading: the product's operands are not the row's memory. On the CPU
-            # for our torch rows only: the rate is that of our backend's kernel on the row's threads.
-            measurement.matmul_tflops = measure_matmul_tflops(config.device, config.dtype)
+        # After the peak-memory reading: the product's operands are not the row's memory.
+        measurement.matmul_tflops = row_matmul_rate(config)
         return JobOutcome("ok", measurement=measurement)
     except ConfigUnavailable as exc:
         return JobOutcome("skipped", reason=str(exc))
@@ -89,6 +87,14 @@ def execute(job: Job) -> JobOutcome:
             memory.stop()  # idempotent: ends the sampling thread on the failure paths too
         del encode
         _free(config)
+
+
+def row_matmul_rate(config: BenchConfig) -> float | None:
+    """The device's product rate in the row's precision, for CUDA rows and our torch CPU rows (there the rate
+    is that of our backend's kernel on the row's threads); None for the others."""
+    if config.device.startswith("cuda") or config.kind == "cpu":
+        return measure_matmul_tflops(config.device, config.dtype)
+    return None
 
 
 def _free(config: BenchConfig) -> None:
@@ -150,14 +156,23 @@ def _read_outcome(folder: Path) -> JobOutcome:
     return JobOutcome(data["status"], data["reason"], measurement)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Child-process entry: reads JOB_DIR/job.json, writes JOB_DIR/result.json (+ dense.npy)."""
+def read_job_folder(argv: list[str] | None, module: str) -> tuple[Path, Job] | None:
+    """A child-process entry's JOB_DIR argument and the job in its job.json; None, after a usage line on
+    stderr, without exactly one argument."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m bgeserve.bench.job JOB_DIR", file=sys.stderr)
-        return 2
+        print(f"usage: python -m {module} JOB_DIR", file=sys.stderr)
+        return None
     folder = Path(args[0])
-    job = Job.from_json((folder / "job.json").read_text(encoding="utf-8"))
+    return folder, Job.from_json((folder / "job.json").read_text(encoding="utf-8"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child-process entry: reads JOB_DIR/job.json, writes JOB_DIR/result.json (+ dense.npy)."""
+    given = read_job_folder(argv, "bgeserve.bench.job")
+    if given is None:
+        return 2
+    folder, job = given
     _write_outcome(folder, execute(job))
     return 0
 

@@ -50,19 +50,32 @@ def run_protocol(
     """Times `encode` on the corpus, the query and the batch; keeps the corpus vectors for fidelity."""
     result = Measurement()
     if options.warmup:
-        # First calls pay for lazy initialisation (kernels, thread pools, allocator growth).
-        encode([query])
-        encode(batch)
-    for _ in range(options.query_runs):
-        result.query_ms.append(_timed(encode, [query]) * 1000.0)
-    for _ in range(options.batch_runs):
-        result.batch_ms.append(_timed(encode, batch) * 1000.0)
+        warm_up(encode, query, batch)
+    result.query_ms = timed_calls(encode, [query], options.query_runs)
+    result.batch_ms = timed_calls(encode, batch, options.batch_runs)
     for _ in range(max(1, options.repeats)):
-        start = time.perf_counter()
-        dense = encode(texts)
-        result.corpus_seconds.append(time.perf_counter() - start)
-    result.dense = np.asarray(dense, dtype=np.float32)
+        seconds, dense = timed_pass(encode, texts)
+        result.corpus_seconds.append(seconds)
+    result.dense = dense
     return result
+
+
+def warm_up(encode: EncodeFn, query: str, batch: list[str]) -> None:
+    """First calls pay for lazy initialisation (kernels, thread pools, allocator growth): one of each kind."""
+    encode([query])
+    encode(batch)
+
+
+def timed_calls(encode: EncodeFn, texts: list[str], runs: int) -> list[float]:
+    """Milliseconds of each of `runs` calls of `encode(texts)`."""
+    return [_timed(encode, texts) * 1000.0 for _ in range(runs)]
+
+
+def timed_pass(encode: EncodeFn, texts: list[str]) -> tuple[float, np.ndarray]:
+    """Seconds of one pass over the corpus, and its vectors."""
+    start = time.perf_counter()
+    dense = encode(texts)
+    return time.perf_counter() - start, np.asarray(dense, dtype=np.float32)
 
 
 def _timed(encode: EncodeFn, texts: list[str]) -> float:
@@ -85,6 +98,9 @@ class PeakMemory:
         self._base = 0
         self._peak = 0
         self._stop = threading.Event()
+        self._active = threading.Event()  # cleared while paused: the sampling thread then sleeps
+        self._active.set()
+        self._sampling = threading.Lock()  # a sample begun before a pause does not land after it
         self._thread: threading.Thread | None = None
 
     @property
@@ -110,14 +126,29 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             return max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
         self._stop.set()
+        self._active.set()
         if self._thread is not None:
             self._thread.join()
         self._peak = max(self._peak, current_rss_bytes())
         return max(0, self._peak - self._base)
 
+    def pause(self) -> None:
+        """Stops sampling (after one last sample) until `resume`: a row waiting for its turn between the
+        phases of an interleaved run allocates nothing, and should not wake 200 times a second either."""
+        if self.kind == "rss":
+            with self._sampling:
+                if self._active.is_set():
+                    self._peak = max(self._peak, current_rss_bytes())
+                self._active.clear()
+
+    def resume(self) -> None:
+        self._active.set()
+
     def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._peak = max(self._peak, current_rss_bytes())
+        while self._active.wait() and not self._stop.wait(self.interval_s):
+            with self._sampling:
+                if self._active.is_set():
+                    self._peak = max(self._peak, current_rss_bytes())
 
 
 def current_rss_bytes() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ import numpy as np
 
 from bgeserve.bench.configs import OURS, BenchConfig, MachineFacts, skip_reason
 from bgeserve.bench.flops import matmul_shape
+from bgeserve.bench.interleave import interleaved_outcomes
 from bgeserve.bench.job import Job, JobOutcome, execute, execute_isolated
 from bgeserve.bench.measure import MeasureOptions
 from bgeserve.bench.runners import RunSettings
@@ -216,6 +218,9 @@ class OfflinePlan:
     # ratios and medians across rounds hold where one pass per row would not.
     rounds: int = 1
     ratios: list[tuple[BenchConfig, BenchConfig]] = field(default_factory=list)  # (a, b): a's speed over b's
+    # Every row loaded at once and each phase of a round run row by row (bench.interleave): two rows' figures
+    # are then seconds apart, where a row's whole protocol lies between them otherwise.
+    interleave: bool = False
 
 
 @dataclass
@@ -231,32 +236,24 @@ class OfflineReport:
     isolated: bool = True
     rounds: int = 1
     ratios: list[PairRatio] = field(default_factory=list)
+    interleaved: bool = False
 
 
 def run_offline(
     plan: OfflinePlan, facts: MachineFacts, progress: Callable[[str], None] = lambda _msg: None
 ) -> OfflineReport:
-    """Runs every row `plan.rounds` times, one after the other (the previous one freed); then ratios, fidelity."""
+    """Runs every row `plan.rounds` times, one after the other (the previous one freed) or, with
+    `plan.interleave`, all loaded at once and phase by phase; then ratios, fidelity."""
     count = len(plan.configs)
     reasons = [skip_reason(c, facts, plan.settings.outputs, plan.allow_emulated_bf16) for c in plan.configs]
     for number, (config, reason) in enumerate(zip(plan.configs, reasons, strict=True), 1):
         if reason:
             progress(f"[{number}/{count}] {config.name}: skipped ({reason})")
-    outcomes: list[list[JobOutcome]] = [[] for _ in plan.configs]
-    walls = [0.0] * count
-    for round_index in range(plan.rounds):
-        prefix = f"round {round_index + 1}/{plan.rounds} " if plan.rounds > 1 else ""
-        order = range(count) if round_index % 2 == 0 else reversed(range(count))
-        for i in order:
-            config = plan.configs[i]
-            if reasons[i] or not all(_succeeded(o) for o in outcomes[i]):
-                continue  # skipped, or failed in an earlier round: that already decides the row
-            progress(f"{prefix}[{i + 1}/{count}] {config.name}: running")
-            started = time.perf_counter()
-            outcome = _run(plan, config, plan.options)
-            walls[i] += time.perf_counter() - started
-            outcomes[i].append(outcome)
-            progress(f"{prefix}[{i + 1}/{count}] {config.name}: {_outcome_line(outcome, len(plan.corpus.texts))}")
+    if plan.interleave:
+        jobs = [None if reason else _job(plan, config) for config, reason in zip(plan.configs, reasons, strict=True)]
+        outcomes, walls = interleaved_outcomes(jobs, plan.rounds, plan.timeout_s, progress)
+    else:
+        outcomes, walls = _row_by_row(plan, reasons, progress)
     rows: list[Row] = []
     for config, reason, outcome_list, wall in zip(plan.configs, reasons, outcomes, walls, strict=True):
         if reason:
@@ -287,7 +284,32 @@ def run_offline(
         isolated=plan.isolate,
         rounds=plan.rounds,
         ratios=pair_ratios(rows, plan.ratios),
+        interleaved=plan.interleave,
     )
+
+
+def _row_by_row(
+    plan: OfflinePlan, reasons: list[str | None], progress: Callable[[str], None]
+) -> tuple[list[list[JobOutcome]], list[float]]:
+    """Each row's whole protocol in turn, round after round in alternating order: its outcome in each round it
+    ran, and the wall seconds it took."""
+    count = len(plan.configs)
+    outcomes: list[list[JobOutcome]] = [[] for _ in plan.configs]
+    walls = [0.0] * count
+    for round_index in range(plan.rounds):
+        prefix = f"round {round_index + 1}/{plan.rounds} " if plan.rounds > 1 else ""
+        order = range(count) if round_index % 2 == 0 else reversed(range(count))
+        for i in order:
+            config = plan.configs[i]
+            if reasons[i] or not all(_succeeded(o) for o in outcomes[i]):
+                continue  # skipped, or failed in an earlier round: that already decides the row
+            progress(f"{prefix}[{i + 1}/{count}] {config.name}: running")
+            started = time.perf_counter()
+            outcome = _run(plan, config, plan.options)
+            walls[i] += time.perf_counter() - started
+            outcomes[i].append(outcome)
+            progress(f"{prefix}[{i + 1}/{count}] {config.name}: {_outcome_line(outcome, len(plan.corpus.texts))}")
+    return outcomes, walls
 
 
 def _succeeded(outcome: JobOutcome) -> bool:
@@ -301,8 +323,12 @@ def _outcome_line(outcome: JobOutcome, texts: int) -> str:
     return f"{outcome.status} ({outcome.reason})"
 
 
+def _job(plan: OfflinePlan, config: BenchConfig) -> Job:
+    return Job(config.name, plan.settings, plan.options, plan.corpus.texts, plan.corpus.query, plan.corpus.batch)
+
+
 def _run(plan: OfflinePlan, config: BenchConfig, options: MeasureOptions) -> JobOutcome:
-    job = Job(config.name, plan.settings, options, plan.corpus.texts, plan.corpus.query, plan.corpus.batch)
+    job = dataclasses.replace(_job(plan, config), options=options)
     # A row of another interpreter (openvino) cannot run in this process, --inline or not.
     isolate = plan.isolate or config.own_interpreter
     return execute_isolated(job, plan.timeout_s) if isolate else execute(job)

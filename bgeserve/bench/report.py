@@ -149,12 +149,19 @@ def offline_summary(report: OfflineReport) -> str:
         f"max {c['max_tokens']}), max_length {s.max_length}, outputs {s.outputs}, batch size {s.batch_size}\n"
         f"protocol: warm-up, then {o.query_runs} query runs, {o.batch_runs} batch runs, "
         f"{o.repeats} corpus passes (texts/s from the median pass); "
-        + ("one fresh process per row" if report.isolated else "all rows in one process")
+        + _process_words(report)
         + (f"; {report.rounds} rounds in alternating row order: texts/s is the median of the rounds, query "
            "percentiles pool every round's calls, a speed-up or ratio is the median of same-round ratios "
            "(min-max in brackets; a query ratio compares each round's p50)"
            if report.rounds > 1 else "")
     )
+
+
+def _process_words(report: OfflineReport) -> str:
+    if report.interleaved:
+        return ("every row loaded at once, each in its own process; the query calls, the batch calls and each "
+                "corpus pass run row by row in alternating order")
+    return "one fresh process per row" if report.isolated else "all rows in one process"
 
 
 def offline_json(report: OfflineReport, machine: dict, command: str | None = None) -> dict:
@@ -179,6 +186,7 @@ def offline_json(report: OfflineReport, machine: dict, command: str | None = Non
             "warmup": report.options.warmup,
             "process_per_row": report.isolated,
             "rounds": report.rounds,
+            "interleaved": report.interleaved,
         },
         "baseline": report.baseline,
         "fidelity_reference": report.reference,

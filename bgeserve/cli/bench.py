@@ -71,6 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--ratios", default="", help="comma list of A/B pairs of rows (e.g. "
                      "onnx-int8/cpu-bf16,cpu-bf16/openvino-bf16): a table of how many times faster A is than B, "
                      "in texts/s and short query, each ratio taken within a round")
+    off.add_argument("--interleave", action="store_true",
+                     help="load every row at once (each in its own process) and run each phase (the query "
+                     "calls, the batch calls, each corpus pass) row by row, so that rows are compared seconds "
+                     "apart on a machine whose speed drifts; every row's memory must fit at once")
     off.add_argument("--inline", action="store_true",
                      help="run every row in this process instead of a fresh process per row "
                      "(faster start; the memory column is then less exact)")
@@ -86,7 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     http.add_argument("--model-name", default="bgeserve", help="`model` field of OpenAI requests")
     p.add_argument("--batch", type=int, help="texts per latency batch (offline, default 32) "
                    "or per request (HTTP, default 1)")
-    p.add_argument("--timeout", type=float, help="seconds per row and round (offline, default none) "
+    p.add_argument("--timeout", type=float, help="seconds per row and round (offline, default none; with "
+                   "--interleave per exchange with a row: its load, each phase, its end) "
                    "or per request (HTTP, default 60)")
     p.add_argument("--json", type=Path, help="write the full results as JSON here")
     p.add_argument("--plot", type=Path, help="draw throughput and latency into this PNG (needs matplotlib)")
@@ -130,6 +135,8 @@ def _check_common(args: argparse.Namespace) -> None:
     for flag, value in {"--duration": args.duration, "--timeout": args.timeout}.items():
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be positive, not {value}")
+    if args.interleave and args.inline:
+        raise UsageError("--interleave keeps every row in a process of its own: it does not go with --inline")
     if args.url and (args.model or args.synthetic):
         raise UsageError("--url load-tests a running server; --model/--synthetic are for the offline mode")
     if args.plot and args.plot.suffix.lower() != ".png":
@@ -245,7 +252,7 @@ def _run_offline(args: argparse.Namespace) -> int:
     plan = OfflinePlan(configs, settings, options, corpus, baseline, isolate=not args.inline,
                        allow_emulated_bf16=args.allow_emulated_bf16, timeout_s=args.timeout,
                        flops_per_token=projection_flops_per_token(checkpoint.config),
-                       rounds=args.rounds, ratios=pairs)
+                       rounds=args.rounds, ratios=pairs, interleave=args.interleave)
     stderr_log(f"model {checkpoint.name} ({checkpoint.path}); {len(corpus.texts)} texts, "
                f"{corpus.total_tokens} tokens; {len(configs)} rows")
     report = run_offline(plan, probe_machine(openvino_python), progress=stderr_log)
@@ -272,7 +279,7 @@ def _run_http(args: argparse.Namespace) -> int:
     from bgeserve.bench.model_source import stderr_log
 
     offline_only = {"--compare": args.compare, "--inline": args.inline, "--query": args.query,
-                    "--ratios": args.ratios, "--rounds": args.rounds != 1,
+                    "--ratios": args.ratios, "--rounds": args.rounds != 1, "--interleave": args.interleave,
                     "--openvino-python": args.openvino_python,
                     "--outputs": args.outputs != "dense"}
     for flag, value in offline_only.items():
