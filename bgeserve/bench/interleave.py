@@ -1,12 +1,14 @@
 """The interleaved protocol: every row loaded at once, each phase of each round run row by row.
 
-A round is the query calls, the batch calls and each corpus pass, every one of them a phase that all rows
-run in turn, in alternating order (1-2-3, then 3-2-1, ...) so that no row is always first. The rows load
-one after the other, so that a row's load time is its own; their processes then wait, idle, for their turn.
+A round is the query calls, the batch calls, each corpus pass and the product rate, every one of them a
+phase that all rows run in turn, in alternating order (1-2-3, then 3-2-1, ...; the next round starts the
+other way) so that no row is always first. The rows load (and warm up) once, one after the other, so that
+a row's load time is its own; their processes then wait, idle, for their turn.
 """
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from bgeserve.bench.stats import median
 from bgeserve.bench.worker import RowFailed, RowProcess
 
 
-class Row(Protocol):
+class LoadedRow(Protocol):
     """What the protocol needs of a loaded row (worker.RowProcess; the tests script one)."""
 
     def start(self) -> JobOutcome | None: ...
@@ -28,7 +30,7 @@ class Row(Protocol):
     def close(self) -> None: ...
 
 
-OpenRow = Callable[[Job, Path, float | None], Row]
+OpenRow = Callable[[Job, Path, float | None], LoadedRow]
 T = TypeVar("T")
 
 # A row's runtime may keep its threads spinning for a moment after a call (onnxruntime's do, ~50 ms): the
@@ -61,7 +63,7 @@ def interleaved_outcomes(
     if not present:
         return outcomes, walls
     round_phases = phases(present[0])  # the options are the plan's, the same for every row
-    loaded: dict[int, Row] = {}
+    loaded: dict[int, LoadedRow] = {}
 
     def label(i: int) -> str:
         job = jobs[i]
@@ -81,25 +83,23 @@ def interleaved_outcomes(
                 if job is None:
                     continue
                 progress(f"{label(i)}: loading")
-                row = open_row(job, Path(tmp) / f"row-{i}", timeout_s)
+                # In `loaded` before it starts: the finally below stops it whatever happens on the way.
+                row = loaded[i] = open_row(job, Path(tmp) / f"row-{i}", timeout_s)
                 failure = timed(i, row.start)
                 if failure is not None:
+                    loaded.pop(i).close()
                     outcomes[i].append(failure)
                     progress(f"{label(i)}: {failure.status} ({failure.reason})")
-                    continue
-                loaded[i] = row
-            step = 0
             for round_index in range(rounds):
                 prefix = f"round {round_index + 1}/{rounds} " if rounds > 1 else ""
                 taken = {i: Measurement() for i in loaded}
-                for phase in round_phases:
-                    order = sorted(loaded, reverse=step % 2 == 1)
-                    step += 1
+                for phase_index, phase in enumerate(round_phases):
+                    # By phase, and by round too: with an even count of phases a round would start as the last did.
+                    order = sorted(loaded, reverse=(round_index + phase_index) % 2 == 1)
                     for i in order:
                         time.sleep(settle_s)
-                        row = loaded[i]
                         try:
-                            _record(taken[i], phase, timed(i, lambda: row.run(phase)))  # noqa: B023 - called at once
+                            _record(taken[i], phase, timed(i, functools.partial(loaded[i].run, phase)))
                         except RowFailed as exc:
                             outcomes[i].append(JobOutcome("failed", reason=str(exc)))
                             progress(f"{prefix}{label(i)}: failed ({exc})")
@@ -110,10 +110,13 @@ def interleaved_outcomes(
                     progress(f"{prefix}{label(i)}: {rate:.2f} texts/s")
             for i in sorted(loaded):
                 try:
-                    final = timed(i, loaded.pop(i).finish)
+                    final = timed(i, loaded[i].finish)
                 except RowFailed as exc:
-                    outcomes[i][-1] = JobOutcome("failed", reason=str(exc))
+                    # Every round measured; the row still fails, as any row that does not end cleanly.
+                    outcomes[i][-1] = JobOutcome("failed", reason=f"at its end: {exc}")
                     continue
+                finally:
+                    loaded.pop(i).close()
                 _merge_final(outcomes[i], final)
         finally:
             for row in loaded.values():

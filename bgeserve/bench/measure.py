@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import resource
 import threading
@@ -112,7 +114,7 @@ class PeakMemory:
             import torch
 
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
+            self._base = self._peak = torch.cuda.memory_allocated(self.device)
             return
         self._base = self._peak = current_rss_bytes()
         self._thread = threading.Thread(target=self._sample, name="bench-rss", daemon=True)
@@ -121,34 +123,52 @@ class PeakMemory:
     def stop(self) -> int:
         """Stops sampling; returns the peak in bytes above the starting level."""
         if self.kind == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)
-            return max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+            if self._active.is_set():
+                self._peak = max(self._peak, self._cuda_peak())
+            return max(0, self._peak - self._base)
+        counting = self._active.is_set()
         self._stop.set()
         self._active.set()
         if self._thread is not None:
             self._thread.join()
-        self._peak = max(self._peak, current_rss_bytes())
+        if counting:
+            self._peak = max(self._peak, current_rss_bytes())
         return max(0, self._peak - self._base)
 
     def pause(self) -> None:
-        """Stops sampling (after one last sample) until `resume`: a row waiting for its turn between the
-        phases of an interleaved run allocates nothing, and should not wake 200 times a second either."""
-        if self.kind == "rss":
-            with self._sampling:
-                if self._active.is_set():
-                    self._peak = max(self._peak, current_rss_bytes())
-                self._active.clear()
+        """Stops counting (after one last reading) until `resume`: what runs meanwhile is not the row's (a
+        timed product's operands), or allocates nothing (a row waiting for its turn between the phases of an
+        interleaved run, which should not wake 200 times a second either)."""
+        with self._sampling:
+            if self._active.is_set():
+                self._peak = max(self._peak, self._cuda_peak() if self.kind == "cuda" else current_rss_bytes())
+            self._active.clear()
 
     def resume(self) -> None:
+        if self.kind == "cuda" and not self._active.is_set():
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)  # what the pause saw is in self._peak already
         self._active.set()
+
+    def _cuda_peak(self) -> int:
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
 
     def _sample(self) -> None:
         while self._active.wait() and not self._stop.wait(self.interval_s):
             with self._sampling:
                 if self._active.is_set():
                     self._peak = max(self._peak, current_rss_bytes())
+
+
+def release_freed_memory() -> None:
+    """Hands memory freed to glibc's heap back to the system (malloc_trim), so that a resident-set reading
+    after a large temporary allocation is not of memory nobody holds; elsewhere it does nothing."""
+    with contextlib.suppress(OSError, AttributeError):  # no glibc here
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def current_rss_bytes() -> int:

@@ -150,7 +150,7 @@ def offline_summary(report: OfflineReport) -> str:
         f"protocol: warm-up, then {o.query_runs} query runs, {o.batch_runs} batch runs, "
         f"{o.repeats} corpus passes (texts/s from the median pass); "
         + _process_words(report)
-        + (f"; {report.rounds} rounds in alternating row order: texts/s is the median of the rounds, query "
+        + (f"; {report.rounds} rounds{_round_order(report)}: texts/s is the median of the rounds, query "
            "percentiles pool every round's calls, a speed-up or ratio is the median of same-round ratios "
            "(min-max in brackets; a query ratio compares each round's p50)"
            if report.rounds > 1 else "")
@@ -159,9 +159,13 @@ def offline_summary(report: OfflineReport) -> str:
 
 def _process_words(report: OfflineReport) -> str:
     if report.interleaved:
-        return ("every row loaded at once, each in its own process; the query calls, the batch calls and each "
-                "corpus pass run row by row in alternating order")
+        return ("every row loaded (and warmed up) once, each in its own process; the query calls, the batch "
+                "calls, each corpus pass and the product rate run row by row in alternating order")
     return "one fresh process per row" if report.isolated else "all rows in one process"
+
+
+def _round_order(report: OfflineReport) -> str:
+    return "" if report.interleaved else " in alternating row order"
 
 
 def offline_json(report: OfflineReport, machine: dict, command: str | None = None) -> dict:

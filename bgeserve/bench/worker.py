@@ -10,6 +10,7 @@ on the stdout it was started with. What a library prints goes to stderr, which t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -23,7 +24,14 @@ import numpy as np
 
 from bgeserve.bench.configs import parse_config
 from bgeserve.bench.job import Job, JobOutcome, interpreter, read_job_folder, row_matmul_rate
-from bgeserve.bench.measure import Measurement, PeakMemory, timed_calls, timed_pass, warm_up
+from bgeserve.bench.measure import (
+    Measurement,
+    PeakMemory,
+    release_freed_memory,
+    timed_calls,
+    timed_pass,
+    warm_up,
+)
 from bgeserve.bench.runners import ConfigUnavailable, open_encoder
 
 PHASES = ("query", "batch", "pass", "matmul")
@@ -74,6 +82,7 @@ def serve(job: Job, folder: Path, commands: IO[str], replies: IO[str]) -> None:
             elif command == "matmul":
                 memory.pause()  # the product's operands are not the row's memory
                 rate = row_matmul_rate(config)
+                release_freed_memory()  # nor is what the heap would keep of them for the next rounds
                 reply("ok", values=[] if rate is None else [rate])
             elif command == "finish":
                 peak = memory.stop()
@@ -142,7 +151,10 @@ class RowProcess:
         """Stops the process (if it still runs) and closes its files; safe to call twice."""
         if self._proc is not None:
             if self._proc.stdin is not None:
-                self._proc.stdin.close()  # a worker at its end of input exits by itself
+                # A worker at its end of input exits by itself. One that died with a command unsent in the
+                # buffer cannot be told anything any more.
+                with contextlib.suppress(OSError):
+                    self._proc.stdin.close()
             try:
                 self._proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
@@ -186,9 +198,12 @@ class RowProcess:
             code = proc.wait()
             raise RowFailed(f"worker process exited with {code}: {self._last_stderr_line()}")
         try:
-            return json.loads(line)
+            answer = json.loads(line)
         except json.JSONDecodeError:
-            raise RowFailed(f"the row's worker answered {line.strip()[:80]!r}, not a JSON reply") from None
+            answer = None
+        if not isinstance(answer, dict) or "status" not in answer:
+            raise RowFailed(f"the row's worker answered {line.strip()[:80]!r}, not a reply")
+        return answer
 
     def _last_stderr_line(self) -> str:
         if self._stderr is None:

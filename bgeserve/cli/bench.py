@@ -66,15 +66,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--query-runs", type=int, default=10, help="timed single-query calls (10)")
     off.add_argument("--batch-runs", type=int, default=3, help="timed batch calls (3)")
     off.add_argument("--rounds", type=int, default=1, help="run every row this many times, in alternating "
-                     "order, for figures that hold on a machine whose speed drifts: texts/s is the median of "
-                     "the rounds, a speed-up the median of same-round ratios (1)")
+                     "order (with --interleave: every phase, the rows loaded once), for figures that hold on a "
+                     "machine whose speed drifts: texts/s is the median of the rounds, a speed-up the median of "
+                     "same-round ratios (1)")
     off.add_argument("--ratios", default="", help="comma list of A/B pairs of rows (e.g. "
                      "onnx-int8/cpu-bf16,cpu-bf16/openvino-bf16): a table of how many times faster A is than B, "
                      "in texts/s and short query, each ratio taken within a round")
     off.add_argument("--interleave", action="store_true",
-                     help="load every row at once (each in its own process) and run each phase (the query "
-                     "calls, the batch calls, each corpus pass) row by row, so that rows are compared seconds "
-                     "apart on a machine whose speed drifts; every row's memory must fit at once")
+                     help="load every row once, all at the same time (each in its own process), and run each "
+                     "phase of a round (the query calls, the batch calls, each corpus pass, the product rate) row "
+                     "by row, so that rows are compared seconds apart on a machine whose speed drifts; every "
+                     "row's memory must fit at once")
     off.add_argument("--inline", action="store_true",
                      help="run every row in this process instead of a fresh process per row "
                      "(faster start; the memory column is then less exact)")
