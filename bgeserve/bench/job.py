@@ -78,15 +78,20 @@ def execute(job: Job) -> JobOutcome:
         # After the peak-memory reading: the product's operands are not the row's memory.
         measurement.matmul_tflops = row_matmul_rate(config)
         return JobOutcome("ok", measurement=measurement)
-    except ConfigUnavailable as exc:
-        return JobOutcome("skipped", reason=str(exc))
     except Exception as exc:  # noqa: BLE001 - one row failing must not lose the others' numbers
-        return JobOutcome("failed", reason=f"{type(exc).__name__}: {exc}")
+        return outcome_of_error(exc)
     finally:
         if memory.kind == "rss":
             memory.stop()  # idempotent: ends the sampling thread on the failure paths too
         del encode
         _free(config)
+
+
+def outcome_of_error(exc: Exception) -> JobOutcome:
+    """A row's error as its outcome: skipped where this machine cannot run it, failed otherwise."""
+    if isinstance(exc, ConfigUnavailable):
+        return JobOutcome("skipped", reason=str(exc))
+    return JobOutcome("failed", reason=f"{type(exc).__name__}: {exc}")
 
 
 def row_matmul_rate(config: BenchConfig) -> float | None:

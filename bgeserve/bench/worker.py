@@ -17,13 +17,14 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from bgeserve.bench.configs import parse_config
-from bgeserve.bench.job import Job, JobOutcome, interpreter, read_job_folder, row_matmul_rate
+from bgeserve.bench.configs import BenchConfig, parse_config
+from bgeserve.bench.job import Job, JobOutcome, interpreter, outcome_of_error, read_job_folder, row_matmul_rate
 from bgeserve.bench.measure import (
     Measurement,
     PeakMemory,
@@ -32,7 +33,7 @@ from bgeserve.bench.measure import (
     timed_pass,
     warm_up,
 )
-from bgeserve.bench.runners import ConfigUnavailable, open_encoder
+from bgeserve.bench.runners import open_encoder
 
 PHASES = ("query", "batch", "pass", "matmul")
 
@@ -54,17 +55,23 @@ def serve(job: Job, folder: Path, commands: IO[str], replies: IO[str]) -> None:
     memory = PeakMemory(config.device)
     memory.start()
     try:
+        _load_and_answer(job, folder, config, memory, commands, reply)
+    finally:
+        memory.stop()
+
+
+def _load_and_answer(job: Job, folder: Path, config: BenchConfig, memory: PeakMemory, commands: IO[str],
+                  reply: Callable[..., None]) -> None:
+    """serve's work between the memory sampler's start and stop: load, then answer command by command."""
+    try:
         started = time.perf_counter()
         encode = open_encoder(config, job.settings)
         load_seconds = time.perf_counter() - started
         if job.options.warmup:
             warm_up(encode, job.query, job.batch)
-    except ConfigUnavailable as exc:
-        memory.stop()
-        return reply("skipped", reason=str(exc))
     except Exception as exc:  # noqa: BLE001 - the row's failure, reported, not the worker's crash
-        memory.stop()
-        return reply("failed", reason=f"{type(exc).__name__}: {exc}")
+        outcome = outcome_of_error(exc)
+        return reply(outcome.status, reason=outcome.reason)
     reply("ready")
     dense: np.ndarray | None = None
     memory.pause()
@@ -91,13 +98,10 @@ def serve(job: Job, folder: Path, commands: IO[str], replies: IO[str]) -> None:
                 return reply("ok", load_seconds=load_seconds, peak_memory_bytes=peak, memory_kind=memory.kind,
                              notes=list(getattr(encode, "notes", [])))
             else:
-                memory.stop()
                 return reply("failed", reason=f"unknown command {command!r}")
         except Exception as exc:  # noqa: BLE001
-            memory.stop()
             return reply("failed", reason=f"{type(exc).__name__}: {exc}")
         memory.pause()
-    memory.stop()
 
 
 class RowProcess:
