@@ -3,7 +3,9 @@
 Most errors come from the replica's app and already have bgeserve's shape. A few never reach an app:
 the proxy answers them itself, in plain text: 500 when the replica handling a request died, 503 when
 no replica is up, 429 when every replica is at `max_ongoing_requests` and the proxy's queue is full,
-408 on Serve's own request timeout. This middleware gives those bgeserve's shape for the route family.
+408 when Serve's own request timeout (`http_options.request_timeout_s`) passed. This middleware gives
+those bgeserve's shape for the route family; the timeout becomes the 504 `timeout` of `--request-timeout`,
+since to the client both mean the same: the service gave up on a request it had whole.
 
 Serve loads it into every proxy from an environment variable set where the proxies start (the head and
 worker nodes; `bgeserve serve --ray` sets it for the local cluster it starts):
@@ -19,14 +21,13 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bgeserve.api.errors import ErrorKind, error_response, response_for_exception
-from bgeserve.errors import Overloaded, ShuttingDown
+from bgeserve.errors import Overloaded, RequestTimedOut, ShuttingDown
 
 CALLBACK_VARIABLE = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK_PATH = "bgeserve.ray.proxy_errors:proxy_middlewares"
 
 # A replica that dies mid-request leaves nothing behind: the client must retry (embedding is idempotent).
 REPLICA_FAILED = ErrorKind(500, "server_error", "replica_failed", "Backend")
-SERVE_TIMEOUT = ErrorKind(408, "timeout_error", "timeout", "Timeout")
 _REWRITTEN = (408, 429, 500, 503)
 
 
@@ -49,7 +50,10 @@ def _error(path: str, status: int, detail: str, retry_after: str | None):
             f"no replica can take the request now (Ray Serve: {detail or 'deployment unavailable'}); retry later"
         ))
     if status == 408:
-        return error_response(path, f"Ray Serve's request timeout passed ({detail})", SERVE_TIMEOUT)
+        return response_for_exception(path, RequestTimedOut(
+            f"the request did not finish within Ray Serve's request timeout (http_options.request_timeout_s; "
+            f"{detail or 'no detail'}); retry it"
+        ))
     return error_response(
         path,
         "the replica handling this request failed before it answered (it died or was restarted); "

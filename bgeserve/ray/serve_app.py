@@ -107,6 +107,20 @@ def app(args: dict[str, Any]) -> Application:
     return build_application(RayServeOptions.from_args(args))
 
 
+def proxy_http_options(settings: ServeSettings) -> dict[str, Any]:
+    """Serve's `http_options` for `bgeserve serve --ray`: the proxy listens where `bgeserve serve` would,
+    and bounds a whole request by `--request-timeout` (routing and Serve's queue included, which the
+    replica's own timer does not see), so that no request outlives it even if Ray loses its replica."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "keep_alive_timeout_s": max(1, round(settings.timeout_keep_alive)),
+    }
+    if settings.request_timeout is not None:
+        options["request_timeout_s"] = settings.request_timeout
+    return options
+
+
 def run_serve(settings: ServeSettings, ray_address: str | None, ray_args: Mapping[str, Any] | None = None) -> int:
     """`bgeserve serve --ray`: deploys the app on a Ray cluster (a new local one when `ray_address` is None
     and RAY_ADDRESS is unset) with Serve's proxy on `settings.host:settings.port`, and serves until
@@ -132,8 +146,7 @@ def run_serve(settings: ServeSettings, ray_address: str | None, ray_args: Mappin
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port,
-                                  "keep_alive_timeout_s": max(1, round(settings.timeout_keep_alive))})
+        serve.start(http_options=proxy_http_options(settings))
         serve.run(build_application(options), name=APP_NAME, route_prefix="/")
         log.info("serving on http://%s:%d through Ray Serve", settings.host, settings.port)
         while not stop.wait(1.0):

@@ -20,9 +20,10 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.build_app import build_app
 from ray.serve.schema import ServeDeploySchema
 
-from bgeserve.api.settings import SettingsError
+from bgeserve.api.settings import ServeSettings, SettingsError
 from bgeserve.ray.commands import corpus_job_options, parse_concurrency, parse_key_values
 from bgeserve.ray.options import ONGOING_HEADROOM, RayServeOptions
+from bgeserve.ray.serve_app import proxy_http_options
 
 
 def test_serve_run_strings_map_onto_settings_and_deployment():
@@ -49,6 +50,17 @@ def test_yaml_values_from_a_config_file_parse_too():
     replica = options.replica_settings()
     assert (replica.devices, replica.threads, replica.replicas_per_device) == ("cpu", 4, 1)
     assert options.deployment_options()["ray_actor_options"]["num_cpus"] == 4
+
+
+def test_serve_ray_proxy_listens_where_serve_would_and_bounds_a_request_by_its_timeout():
+    from ray.serve.config import HTTPOptions
+
+    bounded = HTTPOptions(**proxy_http_options(ServeSettings(host="0.0.0.0", port=9000, request_timeout=45,
+                                                             timeout_keep_alive=7.4)))
+    assert (bounded.host, bounded.port, bounded.request_timeout_s, bounded.keep_alive_timeout_s) == (
+        "0.0.0.0", 9000, 45, 7)
+    # Without --request-timeout, Serve's own default (no limit) stays.
+    assert HTTPOptions(**proxy_http_options(ServeSettings())).request_timeout_s is None
 
 
 def test_gpu_replicas_take_one_gpu_each_and_see_it_as_cuda0():

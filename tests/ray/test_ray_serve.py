@@ -30,6 +30,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TEXTS = ["What is BGE M3?", "BM25 is a bag-of-words retrieval function", "日本語のテキストも扱える"]
 # The same engine settings for both servers: threads 1 and fp32, so vectors match to the last bit.
 SETTINGS = {"dtype": "fp32", "threads": "1", "api_key": API_KEY, "served_model_name": "m3"}
+REQUEST_TIMEOUT_S = 20
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,9 @@ def serve_url():
     with deadline(90, "starting Ray and Serve"):
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False,
                  _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # A bound on every request, as `bgeserve serve --ray --request-timeout` sets: whatever Ray does with
+        # a killed replica's requests, each gets an answer within it.
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
     yield f"http://127.0.0.1:{port}", metrics_port
     with deadline(60, "stopping Serve and Ray"):
         serve.shutdown()
@@ -183,8 +186,9 @@ def test_health_check_raises_when_the_engine_is_not_serving():
 
 
 def test_killed_replica_fails_only_its_requests_and_is_replaced(servers, m3_checkpoint):
-    """Under load, one replica is killed: every request either has its own right vector or a JSON error;
-    none hangs; Serve starts a new replica."""
+    """Under load, one replica is killed: every request either has its own right vector or a JSON error
+    (the replica's failure, no replica up, or at worst the proxy's request timeout); none hangs; Serve
+    starts a new replica."""
     from bgeserve.embedder import Embedder
 
     url, _ = servers
@@ -213,9 +217,10 @@ def test_killed_replica_fails_only_its_requests_and_is_replaced(servers, m3_chec
             np.testing.assert_allclose(response.json()["data"][0]["embedding"], vector, atol=1e-6)
             ok += 1
         else:
-            assert response.status_code in (500, 503), response.text
+            assert response.status_code in (500, 503, 504), response.text
             error = response.json()["error"]
-            assert error["type"] == "server_error" and error["code"] in ("replica_failed", "unavailable")
+            assert (error["type"], error["code"]) in (
+                ("server_error", "replica_failed"), ("server_error", "unavailable"), ("timeout_error", "timeout"))
             failed += 1
     assert ok > len(texts) // 2
     wait_for(lambda: len(after := replica_names()) == 2 and after != before, 90, "a replacement replica")
@@ -232,6 +237,23 @@ def test_full_slots_answer_429_in_bgeserve_shape(serve_url, m3_checkpoint):
     statuses = [status for status, _ in answers]
     assert statuses.count(200) >= 1 and statuses.count(429) >= 1
     assert all("input slots" in message for status, message in answers if status == 429)
+
+
+def test_serve_request_timeout_answers_504_in_bgeserve_shape(serve_url, m3_checkpoint):
+    """A request still waiting for its batch when Serve's request timeout passes: the proxy's plain 408
+    becomes the 504 of `--request-timeout` in the route family's shape (the header sets Serve's timeout
+    for one request)."""
+    url, _ = serve_url
+    deploy(m3_checkpoint, num_replicas="1", batch_wait_ms="1000")
+    late = {**AUTH, "x-request-timeout-seconds": "0.2"}
+    openai = httpx.post(f"{url}/v1/embeddings", json={"input": ["a", "b"], "model": "m3"}, headers=late, timeout=30)
+    assert openai.status_code == 504, openai.text
+    error = openai.json()["error"]
+    assert (error["type"], error["code"]) == ("timeout_error", "timeout") and "request_timeout_s" in error["message"]
+    tei = httpx.post(f"{url}/embed", json={"inputs": ["a", "b"]}, headers=late, timeout=30)
+    assert tei.status_code == 504 and tei.json()["error_type"] == "Timeout", tei.text
+    # Within its time the same request is answered.
+    assert httpx.post(f"{url}/embed", json={"inputs": ["a", "b"]}, headers=AUTH, timeout=30).status_code == 200
 
 
 def test_serve_queue_limit_answers_429_in_bgeserve_shape(serve_url, m3_checkpoint):
