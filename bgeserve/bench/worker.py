@@ -61,7 +61,7 @@ def serve(job: Job, folder: Path, commands: IO[str], replies: IO[str]) -> None:
 
 
 def _load_and_answer(job: Job, folder: Path, config: BenchConfig, memory: PeakMemory, commands: IO[str],
-                  reply: Callable[..., None]) -> None:
+                     reply: Callable[..., None]) -> None:
     """serve's work between the memory sampler's start and stop: load, then answer command by command."""
     try:
         started = time.perf_counter()
