@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -124,23 +125,42 @@ def padded_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     return gathered_attention(qkv, batch.gather_index(), batch.scatter_index(), sdpa)
 
 
-# Padded attention does at most 4x its padding-free work within a group; tighter shares cost more in
-# smaller products than they saved (BENCHMARKS.md run 14).
-ATTENTION_GROUP_SHARE = 0.5
+# What a padded attention group costs, in units of one padding slot's attention work (onnxruntime's CPU
+# MultiHeadAttention with its Split and Gather, ~3.7 us a slot and layer on a 2-vCPU AVX512 EPYC, bge-m3):
+# each run adds a fixed cost (the weights streamed once more, ~2,000 nodes dispatched, products on fewer
+# rows; a 3-token run of bge-m3 took 35 ms, ~400 slots), and a slot's S^2 part equals its linear part at
+# S ~ 150. The optimum is flat: constants off by 2x moved the 48-text bench corpus by under 2%
+# (BENCHMARKS.md, "Attention groups chosen by cost").
+GROUP_RUN_COST = 400.0
+GROUP_QUADRATIC_LENGTH = 150.0
 
 
-def attention_groups(lengths: list[int], share: float = ATTENTION_GROUP_SHARE) -> list[list[int]]:
-    """Indices of `lengths` in groups of similar length, longest first, each group ending before a length
-    under `share` of its first. A batch planned by token budget can hold one 500-token text with 31 of 30
-    tokens: padded together, attention would do ~16x the work of the real sequences, which packed projections
-    do not make up for."""
+def attention_groups(
+    lengths: list[int], run_cost: float = GROUP_RUN_COST, quadratic_length: float = GROUP_QUADRATIC_LENGTH
+) -> list[list[int]]:
+    """Indices of `lengths` in groups of similar length, longest first, that minimise the estimated cost of
+    running each group padded to its longest: `run_cost` per group plus, per sequence, its padded slots
+    S * (1 + S / quadratic_length). A batch planned by token budget can hold one 500-token text with 31 of 30
+    tokens: padded together, attention would do ~16x the work of the real sequences. But a group of a few
+    short texts costs a whole run of the graph for little attention saved, so it joins its neighbour."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if not order:
+        return []
+    width = np.array([lengths[i] for i in order], dtype=np.float64)
+    slot = width * (1.0 + width / quadratic_length)  # what each position costs as a group's longest
+    best = np.zeros(len(order) + 1)  # best[j]: the cheapest grouping of the j longest
+    start = np.zeros(len(order) + 1, dtype=np.int64)  # where that grouping's last group begins
+    for j in range(1, len(order) + 1):
+        # A last group order[i:j] is padded to width[i]: (j - i) sequences of slot[i] each.
+        costs = best[:j] + run_cost + (j - np.arange(j)) * slot[:j]
+        start[j] = int(np.argmin(costs))
+        best[j] = costs[start[j]]
     groups: list[list[int]] = []
-    for index in order:
-        if not groups or lengths[index] < share * lengths[groups[-1][0]]:
-            groups.append([])
-        groups[-1].append(index)
-    return groups
+    j = len(order)
+    while j > 0:
+        groups.append(order[int(start[j]) : j])
+        j = int(start[j])
+    return groups[::-1]
 
 
 def gathered_attention(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,14 @@ from bgeserve.core import OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
-from bgeserve.models.packed import PackedBatch, attention_groups, padded_attention, per_sequence_attention
+from bgeserve.models.packed import (
+    GROUP_QUADRATIC_LENGTH,
+    GROUP_RUN_COST,
+    PackedBatch,
+    attention_groups,
+    padded_attention,
+    per_sequence_attention,
+)
 from bgeserve.runtime.torch_backend import TorchBackend
 
 TEXTS = sample_texts()[:24]
@@ -116,9 +126,42 @@ def test_backend_packed_outputs_equal_padded(which, m3_checkpoint, minilm_path):
             np.testing.assert_allclose(b.colbert, a.colbert, atol=1e-5)
 
 
-def test_attention_groups_split_where_lengths_halve():
-    # Longest first; a group ends before a length under half of its first (51 stays with 100, 40 does not).
-    assert attention_groups([5, 100, 40, 60, 51, 3]) == [[1, 3, 4], [2], [0, 5]]
+def _grouping_cost(lengths: list[int], groups: list[list[int]]) -> float:
+    """attention_groups' cost model with its default constants, for any grouping."""
+    widths = [(len(g), max(lengths[i] for i in g)) for g in groups]
+    return sum(GROUP_RUN_COST + n * width * (1 + width / GROUP_QUADRATIC_LENGTH) for n, width in widths)
+
+
+def test_attention_groups_keep_a_long_text_apart_and_let_a_few_short_ones_join_their_neighbour():
+    # One 512-token text would pad 31 short ones ~16x: it runs alone. Three texts of 25 tokens beside 24 of
+    # 26-51 cost more as a run of their own than padded to 51, so they join that group.
+    assert attention_groups([512] + [30] * 31) == [[0], list(range(1, 32))]
+    mid = list(range(51, 27, -1))
+    groups = attention_groups(mid + [25, 24, 24])
+    assert groups == [list(range(27))]
     assert attention_groups([7, 7, 7]) == [[0, 1, 2]]
     assert attention_groups([]) == []
-    assert attention_groups([10, 8, 7], share=0.75) == [[0, 1], [2]]
+    # Each group holds indices, longest first, and every index comes out once.
+    lengths = [5, 100, 40, 60, 51, 3]
+    groups = attention_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    in_groups = [[lengths[i] for i in g] for g in groups]
+    assert all(group == sorted(group, reverse=True) for group in in_groups)
+    # A run that costs nothing fixed leaves every distinct length its own group; a dear one merges all.
+    assert attention_groups([300, 200, 100], run_cost=0) == [[0], [1], [2]]
+    assert attention_groups([300, 200, 100], run_cost=1e9) == [[0, 1, 2]]
+
+
+def test_attention_groups_are_the_cheapest_contiguous_grouping():
+    """Against every way of cutting the lengths, sorted longest first, into consecutive groups."""
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.randint(1, 400) for _ in range(rng.randint(1, 9))]
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        best = min(
+            _grouping_cost(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)), strict=True)])
+            for r in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), r)
+        )
+        chosen = _grouping_cost(lengths, attention_groups(lengths))
+        assert chosen == pytest.approx(best)
