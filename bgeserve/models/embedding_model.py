@@ -46,6 +46,6 @@ class EmbeddingModel(nn.Module):
         """Last hidden state [batch, seq, hidden]."""
         return self.encoder(input_ids, attention_mask)
 
-    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
-        """Last hidden state of every real token, [T, hidden]."""
-        return self.encoder.forward_packed(batch)
+    def forward_packed(self, batch: PackedBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden state of every real token, [T, hidden]; of `rows` only, when given."""
+        return self.encoder.forward_packed(batch, rows)

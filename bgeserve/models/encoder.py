@@ -110,13 +110,17 @@ class EncoderLayer(nn.Module):
         hidden = self.attn_norm(_in_dtype(self.attn_out(ctx), hidden.dtype) + hidden)
         return self._feed_forward(hidden)
 
-    def forward_packed(self, hidden: torch.Tensor, attend: Attention) -> torch.Tensor:
+    def forward_packed(self, hidden: torch.Tensor, attend: Attention, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The same block on packed tokens [T, hidden]: projections on all rows; `attend` maps the
-        [T, 3, heads, head_dim] projections to the [T, hidden] context, keeping to each sequence."""
+        [T, 3, heads, head_dim] projections to the [T, hidden] context, keeping to each sequence.
+        `rows` (indices into T): only those rows go on past attention, so the result is [len(rows), hidden];
+        every token's keys and values are still computed and attended to."""
         x = _in_dtype(hidden, self.compute_dtype)
         # Sizes from the config, not from x: a traced graph then reshapes by a constant, with no shape arithmetic.
         qkv = self.qkv(x).view(-1, 3, self.num_heads, self.head_dim)
         ctx = attend(qkv)
+        if rows is not None:
+            ctx, hidden = ctx[rows], hidden[rows]
         hidden = self.attn_norm(_in_dtype(self.attn_out(ctx), hidden.dtype) + hidden)
         return self._feed_forward(hidden)
 
@@ -148,16 +152,22 @@ class TransformerEncoder(nn.Module):
             hidden = layer(hidden, attn_mask)
         return hidden
 
-    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
-        """Last hidden state of every real token, [T, hidden]: no row of padding is ever computed."""
-        return self.encode_tokens(batch.ids, packed_positions(batch, self.cfg), partial(packed_attention, batch=batch))
+    def forward_packed(self, batch: PackedBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden state of every real token, [T, hidden]: no row of padding is ever computed. With
+        `rows` (indices into T, e.g. `batch.starts` for the CLS rows), only those rows: [len(rows), hidden]."""
+        attend = partial(packed_attention, batch=batch)
+        return self.encode_tokens(batch.ids, packed_positions(batch, self.cfg), attend, rows)
 
-    def encode_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attention) -> torch.Tensor:
+    def encode_tokens(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attention, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Packed ids and position ids [T] -> [T, hidden], attention done by `attend` (see forward_packed;
-        the ONNX export passes a traceable one)."""
+        the ONNX export passes a traceable one). `rows`: the last layer computes only those rows past its
+        attention (no later layer needs the others' hidden states), -> [len(rows), hidden]."""
         hidden = self.embeddings.embed(input_ids, positions)
-        for layer in cast(Iterable[EncoderLayer], self.layers):  # ModuleList yields plain Modules
-            hidden = layer.forward_packed(hidden, attend)
+        layers = cast(list[EncoderLayer], list(self.layers))  # ModuleList yields plain Modules
+        for index, layer in enumerate(layers):
+            hidden = layer.forward_packed(hidden, attend, rows if index == len(layers) - 1 else None)
         return hidden
 
     def set_compute_dtype(self, dtype: torch.dtype) -> None:

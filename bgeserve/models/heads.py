@@ -10,8 +10,11 @@ from bgeserve.models.packed import PackedBatch
 
 def pool_dense(hidden: torch.Tensor, batch: PackedBatch, pooling: str, normalize: bool) -> torch.Tensor:
     """Sentence vectors [batch, hidden] from packed hidden states [T, hidden]: each sequence's CLS row or
-    the mean of its rows, L2-normalised when asked."""
-    if pooling == "cls":
+    the mean of its rows, L2-normalised when asked. `pooling="rows"`: `hidden` already holds one row per
+    sequence (a forward pass that computed the CLS rows only)."""
+    if pooling == "rows":
+        pooled = hidden
+    elif pooling == "cls":
         pooled = hidden[batch.starts]
     else:
         sums = hidden.new_zeros(len(batch.lengths), hidden.shape[-1]).index_add_(0, batch.segment, hidden)

@@ -14,7 +14,7 @@ from bgeserve.models.packed import PackedBatch, attention_groups
 from bgeserve.runtime.devices import canonical_dtype, resolve_device
 from bgeserve.runtime.onnx_cache import ensure_onnx_model
 from bgeserve.runtime.onnx_export import COLBERT, HIDDEN, TOKEN_WEIGHTS, packed_inputs
-from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult
+from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult, cls_rows_suffice
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +124,14 @@ class OnnxBackend(PackedBackend):
 
     def _forward(self, batch: list[list[int]], want: OutputRequest) -> tuple[PackedBatch, PackedResult]:
         packed = PackedBatch.from_sequences(batch)
-        feed = {name: t.numpy() for name, t in packed_inputs(packed, self.checkpoint.config).items()}
+        cls_only = cls_rows_suffice(want, self.checkpoint.pooling)
+        inputs = packed_inputs(packed, self.checkpoint.config, packed.starts if cls_only else None)
+        feed = {name: t.numpy() for name, t in inputs.items()}
         names = [HIDDEN] + [TOKEN_WEIGHTS] * want.sparse + [COLBERT] * want.colbert
         outputs = dict(zip(names, self.session.run(names, feed), strict=True))
         return packed, PackedResult(
             hidden=torch.from_numpy(outputs[HIDDEN]),
             token_weights=torch.from_numpy(outputs[TOKEN_WEIGHTS]) if want.sparse else None,
             colbert=torch.from_numpy(outputs[COLBERT]) if want.colbert else None,
+            cls_only=cls_only,
         )

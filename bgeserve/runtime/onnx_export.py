@@ -6,12 +6,14 @@ int64 with dynamic axes (see models.packed.PackedBatch for how they are made):
 - `input_ids`, `position_ids` [tokens]: every sequence's ids back to back, and their position ids
 - `gather_index`, `attention_mask` [batch, seq]: the padded layout attention runs in
 - `scatter_index` [tokens]: each token's place in that layout
+- `rows` [rows]: the tokens the last layer computes past its attention, all of them (0, 1, ..., tokens - 1)
+  unless only the CLS rows are read (`runtime.packed_outputs.cls_rows_suffice`)
 
-Outputs, one row per token:
+Outputs, one row per entry of `rows`:
 
-- `last_hidden_state` [tokens, hidden]
-- `token_weights` [tokens]: relu(sparse_linear(H)), only when the checkpoint has the sparse head
-- `colbert` [tokens, dim]: colbert_linear(H) L2-normalised, only with the ColBERT head (CLS rows included)
+- `last_hidden_state` [rows, hidden]
+- `token_weights` [rows]: relu(sparse_linear(H)), only when the checkpoint has the sparse head
+- `colbert` [rows, dim]: colbert_linear(H) L2-normalised, only with the ColBERT head (CLS rows included)
 
 Pooling, lexical weights and splitting per sequence happen on the host (runtime.packed_outputs), as for
 the torch backend. The int8 rewrite of the graph is in `runtime.onnx_int8`, the cache of exports in
@@ -40,9 +42,9 @@ from bgeserve.models.packed import PackedBatch, gathered_attention
 log = logging.getLogger(__name__)
 
 # Bump whenever the exported graph changes (outputs, ops, quantisation recipe): old caches are ignored.
-EXPORTER_VERSION = "bgeserve-onnx-6-lean-attention-layout"
+EXPORTER_VERSION = "bgeserve-onnx-7-last-layer-rows"
 OPSET = 17
-INPUT_NAMES = ("input_ids", "position_ids", "gather_index", "attention_mask", "scatter_index")
+INPUT_NAMES = ("input_ids", "position_ids", "gather_index", "attention_mask", "scatter_index", "rows")
 # Exported graph outputs; the sparse and ColBERT ones only when the checkpoint has those heads.
 HIDDEN, TOKEN_WEIGHTS, COLBERT = "last_hidden_state", "token_weights", "colbert"
 MODEL_FILE = "model.onnx"
@@ -72,6 +74,7 @@ class ExportGraph(nn.Module):
         gather_index: torch.Tensor,
         attention_mask: torch.Tensor,
         scatter_index: torch.Tensor,
+        rows: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         # The key mask is made once here, not once per layer.
         key_padding = attention_mask.to(torch.int32)
@@ -83,7 +86,7 @@ class ExportGraph(nn.Module):
             heads=self.model.encoder.cfg.num_heads,
             hidden=self.model.encoder.cfg.hidden_size,
         )
-        hidden = self.model.encoder.encode_tokens(input_ids, position_ids, attend)
+        hidden = self.model.encoder.encode_tokens(input_ids, position_ids, attend, rows)
         outputs = [hidden]
         if self.model.sparse_linear is not None:
             outputs.append(token_weights(hidden, self.model.sparse_linear))
@@ -139,14 +142,15 @@ def _fill_attention_bias_slot(graph) -> None:  # noqa: ANN001 - an onnx GraphPro
             node.input.insert(3, "")
 
 
-def packed_inputs(batch: PackedBatch, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
-    """The graph's inputs for a packed batch (CPU tensors, int64)."""
+def packed_inputs(batch: PackedBatch, cfg: EncoderConfig, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The graph's inputs for a packed batch (CPU tensors, int64); `rows` default: every token."""
     return {
         "input_ids": batch.ids,
         "position_ids": packed_positions(batch, cfg),
         "gather_index": batch.gather_index(),
         "attention_mask": batch.mask(),
         "scatter_index": batch.scatter_index(),
+        "rows": torch.arange(len(batch.ids)) if rows is None else rows,
     }
 
 
@@ -161,7 +165,8 @@ def export_onnx(checkpoint: Checkpoint, path: Path, model: EmbeddingModel | None
     cfg = checkpoint.config
     sample = PackedBatch.from_sequences([[0, 5, 6, 7, 8, 9, 10, 2], [0, 5, 6, 2]])
     inputs = packed_inputs(sample, cfg)
-    axes = {name: {0: "tokens"} for name in ("input_ids", "position_ids", "scatter_index", *names)}
+    axes = {name: {0: "tokens"} for name in ("input_ids", "position_ids", "scatter_index")}
+    axes |= {name: {0: "rows"} for name in ("rows", *names)}
     axes |= {name: {0: "batch", 1: "seq"} for name in ("gather_index", "attention_mask")}
     raw_dir = path.parent / "raw"
     raw_dir.mkdir()

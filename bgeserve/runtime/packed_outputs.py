@@ -17,9 +17,17 @@ from bgeserve.models.packed import PackedBatch
 class PackedResult:
     """What a backend computed for a packed batch, one row per token (host or device tensors)."""
 
-    hidden: torch.Tensor  # [T, hidden] last hidden state
+    hidden: torch.Tensor  # [T, hidden] last hidden state; [B, hidden] when cls_only
     token_weights: torch.Tensor | None = None  # [T] relu(sparse_linear(H)), when sparse was asked for
     colbert: torch.Tensor | None = None  # [T, dim] normalised colbert_linear(H), CLS rows included
+    cls_only: bool = False  # hidden holds each sequence's CLS row only (see cls_rows_suffice)
+
+
+def cls_rows_suffice(want: OutputRequest, pooling: str) -> bool:
+    """Whether the CLS rows are all that `want` reads of the last hidden state: a CLS-pooled dense vector and
+    nothing per token. The last layer then runs on those rows only past its attention (1 of 24 layers' products
+    on 1 row a text instead of all, for bge-m3)."""
+    return want.dense and pooling == "cls" and not (want.sparse or want.colbert or want.token_embeddings)
 
 
 class PackedBackend:
@@ -61,7 +69,7 @@ def items_from_packed(
     """Pools, builds lexical weights, drops each sequence's CLS row from its ColBERT vectors, splits."""
     items = [ItemOutput(num_tokens=n) for n in batch.lengths]
     if want.dense:
-        dense = pool_dense(result.hidden, batch, pooling, want.normalize_dense)
+        dense = pool_dense(result.hidden, batch, "rows" if result.cls_only else pooling, want.normalize_dense)
         for item, vec in zip(items, _to_numpy(dense), strict=True):
             item.dense = vec
     if want.sparse:

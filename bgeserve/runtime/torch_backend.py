@@ -17,7 +17,7 @@ from bgeserve.runtime.cpu_linear import pack_encoder_linears
 from bgeserve.runtime.cuda_graphs import GraphedForward
 from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
 from bgeserve.runtime.int8 import quantize_encoder_int8
-from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult
+from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult, cls_rows_suffice
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,9 @@ class TorchBackend(PackedBackend):
             # Compiled graphs want few distinct shapes, so they keep the padded, length-bucketed layout.
             hidden = self._padded_forward(packed)
         else:
-            # Eager runs pack the batch and spend nothing on padding.
+            # Eager runs pack the batch and spend nothing on padding, nor on rows no output reads.
+            if cls_rows_suffice(want, self.checkpoint.pooling):
+                return packed, PackedResult(self.model.forward_packed(packed, packed.starts), cls_only=True)
             hidden = self.model.forward_packed(packed)
         return packed, self._heads(hidden, want)
 

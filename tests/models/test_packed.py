@@ -165,3 +165,21 @@ def test_attention_groups_are_the_cheapest_contiguous_grouping():
         )
         chosen = _grouping_cost(lengths, attention_groups(lengths))
         assert chosen == pytest.approx(best)
+
+
+@pytest.mark.parametrize("which", ["m3", "minilm"])
+def test_the_last_layer_runs_on_the_rows_a_request_reads(which, m3_checkpoint, minilm_path):
+    """A dense request of a CLS-pooled model reads one row a text: the last layer's feed-forward runs on
+    those rows only, and the vectors are the full pass's. Mean pooling (MiniLM) reads every row."""
+    ckpt = load_checkpoint(str(m3_checkpoint if which == "m3" else minilm_path))
+    backend = TorchBackend(ckpt)
+    ids = ckpt.tokenizer.encode(TEXTS, max_length=256).ids
+    tokens = sum(len(seq) for seq in ids)
+    rows: list[int] = []
+    hook = backend.model.encoder.layers[-1].ffn_in.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    dense_only = backend.run(ids, OutputRequest())
+    full = backend.run(ids, EVERYTHING if which == "m3" else OutputRequest(token_embeddings=True))
+    hook.remove()
+    assert rows == [len(ids) if which == "m3" else tokens, tokens]
+    for a, b in zip(dense_only, full, strict=True):
+        np.testing.assert_allclose(a.dense, b.dense, atol=1e-5)

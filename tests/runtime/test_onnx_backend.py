@@ -104,14 +104,17 @@ def test_one_graph_holds_every_head(m3_checkpoint, onnx_cache):
         "gather_index",
         "attention_mask",
         "scatter_index",
+        "rows",
     ]
     assert [o.name for o in graph.output] == ["last_hidden_state", "token_weights", "colbert"]
-    # Packed: one row per token, no padding rows; the axes are symbolic, not the tracing example's shapes.
+    # Packed: one row per token (per entry of `rows`), no padding rows; the axes are symbolic, not the
+    # tracing example's shapes.
     def axes(value) -> list[str]:
         return [d.dim_param for d in value.type.tensor_type.shape.dim]
 
     assert axes(graph.input[0]) == ["tokens"] and axes(graph.input[2]) == ["batch", "seq"]
-    assert axes(graph.output[0])[0] == "tokens" and axes(graph.output[2])[0] == "tokens"
+    assert axes(graph.input[5]) == ["rows"]
+    assert axes(graph.output[0])[0] == "rows" and axes(graph.output[2])[0] == "rows"
 
 
 def test_model_without_heads_says_so(minilm_path, onnx_cache):
@@ -145,6 +148,22 @@ def test_one_long_text_runs_apart_from_short_ones(m3_checkpoint, onnx_cache, mon
     alone = [backend.run([seq], ALL)[0] for seq in batch]
     _assert_same(grouped, alone, tol=1e-5)
     assert [item.num_tokens for item in grouped] == [len(seq) for seq in batch]
+
+
+def test_a_cls_pooled_dense_request_gets_the_cls_rows_only(m3_checkpoint, onnx_cache):
+    """Dense alone with CLS pooling: the graph's last layer returns one row a text (`rows`), the same rows
+    as the full pass, which a sparse request still gets."""
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    backend = OnnxBackend(ckpt, cache_dir=onnx_cache)
+    batch = ckpt.tokenizer.encode(TEXTS, max_length=256).ids
+    packed, cls_rows = backend._forward(batch, OutputRequest())
+    _, every_row = backend._forward(batch, OutputRequest(sparse=True))
+    assert cls_rows.cls_only and cls_rows.hidden.shape[0] == len(batch)
+    assert not every_row.cls_only and every_row.hidden.shape[0] == sum(len(seq) for seq in batch)
+    np.testing.assert_allclose(cls_rows.hidden, every_row.hidden[packed.starts], atol=1e-5)
+    torch_dense = TorchBackend(ckpt).run(batch, ALL)
+    for ours, ref in zip(backend.run(batch, OutputRequest()), torch_dense, strict=True):
+        np.testing.assert_allclose(ours.dense, ref.dense, atol=1e-5)
 
 
 def test_factory_builds_onnx_backend(m3_checkpoint, onnx_cache, monkeypatch):
@@ -250,7 +269,8 @@ def test_encoder_graph_has_no_shape_arithmetic(m3_checkpoint, onnx_cache):
     # Per layer: one constant Reshape of the fused projection, one Split into q, k, v, and the two gathers
     # (with their flattens) between the packed and the padded layout.
     assert (ops.count("Reshape"), ops.count("Split"), ops.count("Flatten")) == (layers, layers, 2 * layers)
-    assert ops.count("Gather") == 2 * layers + 2  # + the word and position embeddings
+    # + the word and position embeddings, + the last layer's `rows` of its context and of its residual
+    assert ops.count("Gather") == 2 * layers + 2 + 2
 
 
 @pytest.mark.slow
