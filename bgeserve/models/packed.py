@@ -129,7 +129,7 @@ def padded_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
 # MultiHeadAttention with its Split and Gather, ~3.7 us a slot and layer on a 2-vCPU AVX512 EPYC, bge-m3):
 # each run adds a fixed cost (the weights streamed once more, ~2,000 nodes dispatched, products on fewer
 # rows; a 3-token run of bge-m3 took 35 ms, ~400 slots), and a slot's S^2 part equals its linear part at
-# S ~ 150. The optimum is flat: constants off by 2x moved the 48-text bench corpus by under 2%
+# S ~ 150. The optimum is flat: twice or four times the run cost moved the 48-text bench corpus by under 1%
 # (BENCHMARKS.md, "Attention groups chosen by cost").
 GROUP_RUN_COST = 400.0
 GROUP_QUADRATIC_LENGTH = 150.0

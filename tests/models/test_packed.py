@@ -133,8 +133,8 @@ def _grouping_cost(lengths: list[int], groups: list[list[int]]) -> float:
 
 
 def test_attention_groups_keep_a_long_text_apart_and_let_a_few_short_ones_join_their_neighbour():
-    # One 512-token text would pad 31 short ones ~16x: it runs alone. Three texts of 25 tokens beside 24 of
-    # 26-51 cost more as a run of their own than padded to 51, so they join that group.
+    # One 512-token text would pad 31 short ones ~16x: it runs alone. Three texts of 24-25 tokens beside 24 of
+    # 28-51 cost more as a run of their own than padded to 51, so they join that group.
     assert attention_groups([512] + [30] * 31) == [[0], list(range(1, 32))]
     mid = list(range(51, 27, -1))
     groups = attention_groups(mid + [25, 24, 24])
