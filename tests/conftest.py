@@ -89,8 +89,9 @@ CPU_CLASSES = {
 @pytest.fixture()
 def simulate_cpu(monkeypatch: pytest.MonkeyPatch):
     """`simulate_cpu(name)` makes bgeserve see CPU_CLASSES[name] instead of this CPU: its features (the bf16 and
-    the int8 choices), its matrix-product rates and whether oneDNN packs bf16 weights. The kernels that run are
-    still this machine's, so only tests whose numbers hold on any x86-64 CPU should use it."""
+    the int8 choices), its matrix-product rates, whether oneDNN packs bf16 weights and whether its u8 x s8
+    products are exact (with VNNI). The kernels that run are still this machine's, so only tests whose numbers
+    hold on any x86-64 CPU should use it (not the torch int8 backend's outputs: its kernel saturates on AVX2)."""
     import torch
 
     from bgeserve.runtime import cpu_features, cpu_info, devices
@@ -101,6 +102,7 @@ def simulate_cpu(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(cpu_features, "cpu_capabilities", lambda: dict.fromkeys(cpu.flags, True))
         monkeypatch.setattr(cpu_features, "matmul_rate", rates.__getitem__)
         monkeypatch.setattr(cpu_features, "int8_product_rate", lambda: cpu.int8_rate)
+        monkeypatch.setattr(cpu_features, "onednn_int8_exact", lambda: cpu.int8_weights == "s8")
         for module in (cpu_features, cpu_info):  # the choices, and what the bench and doctor report
             monkeypatch.setattr(module, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": cpu.flags)
         if not cpu.onednn_packs_bf16:

@@ -2,7 +2,7 @@
 
 The precision and kernel choices (`runtime.devices.auto_dtype`, the int8 weight encoding of the ONNX
 export) are made from these; tests stand in other CPUs by replacing `cpu_capabilities`, `cpu_flags`,
-`matmul_rate` and `int8_product_rate`.
+`matmul_rate`, `int8_product_rate` and `onednn_int8_exact`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Mapping
 import torch
 
 from bgeserve.runtime.cpu_info import NATIVE_BF16_FLAGS, VNNI_FLAGS, cpu_flags
-from bgeserve.runtime.cpu_linear import PackedWeightLinear, onednn_linear_available
+from bgeserve.runtime.cpu_linear import PackedWeightLinear, onednn_int8_exact, onednn_linear_available
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ def cpu_has_vnni(flags: Collection[str] | None = None) -> bool:
     """True when the CPU multiplies u8 x s8 without 16-bit saturation (AVX512-VNNI, AVX-VNNI, AMX).
     `flags`: /proc/cpuinfo's, as cpu_flags() reads them (the default)."""
     return bool(set(cpu_flags() if flags is None else flags) & VNNI_FLAGS)
+
+
+def exact_int8_products(flags: Collection[str] | None = None) -> bool:
+    """True where oneDNN's u8 x s8 products are exact, the torch int8 path's per-token kernel: VNNI or AMX
+    in `flags` (/proc/cpuinfo's, the default) and oneDNN's product checked on a saturating input here."""
+    return cpu_has_vnni(flags) and onednn_int8_exact()
 
 
 def matmul_rate(dtype: torch.dtype, rows: int = 256, size: int = 1024, repeats: int = 3) -> float:

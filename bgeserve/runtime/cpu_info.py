@@ -67,8 +67,10 @@ def cpu_class(flags: Collection[str]) -> tuple[str, str]:
     """The kernel class of a CPU with these flags, and what bgeserve runs there: (name, what it means)."""
     have = set(flags)
     vnni = bool(have & VNNI_FLAGS)
-    int8 = ("the onnx int8 backend stores s8 weights (u8 x s8 is exact with VNNI)" if vnni else
-            "the onnx int8 backend stores u8 weights (u8 x s8 would saturate without VNNI)")
+    int8 = ("torch int8 runs per-token u8 x s8 products on oneDNN and the onnx int8 backend stores s8 weights "
+            "(u8 x s8 is exact with VNNI)" if vnni else
+            "torch int8 runs SmoothQuant-scaled rows through torch's dynamic int8 kernel and the onnx int8 backend "
+            "stores u8 weights (u8 x s8 would saturate without VNNI)")
     if have & NATIVE_BF16_FLAGS:
         name = "AMX" if have & {"amx_bf16", "amx_int8"} else "AVX512-BF16"
         auto = ("native bf16: dtype=auto times bf16 against fp32 products at start-up and takes bf16 where it "

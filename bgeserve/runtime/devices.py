@@ -103,7 +103,9 @@ def _cpu_auto_dtype() -> tuple[str, str]:
     # stand in another CPU's features and rates call cache_clear()).
     rate = functools.cache(cpu_features.matmul_rate)  # each precision measured once, for both uses
     choice, why = choose_cpu_dtype(cpu_features.cpu_has_native_bf16(), rate)
-    note = int8_note(choice, rate, cpu_features.int8_product_rate)
+    # Where oneDNN's u8 x s8 is exact, the torch int8 path (per-token products) outruns the onnx graph.
+    hint = "--dtype int8" if cpu_features.exact_int8_products() else "--backend onnx --dtype int8"
+    note = int8_note(choice, rate, cpu_features.int8_product_rate, hint)
     return choice, f"{why}; {note}" if note else why
 
 
@@ -118,12 +120,13 @@ def choose_cpu_dtype(native_bf16: bool, rate: Callable[[torch.dtype], float]) ->
 
 
 def int8_note(
-    choice: str, rate: Callable[[torch.dtype], float], int8_rate: Callable[[], float | None]
+    choice: str, rate: Callable[[torch.dtype], float], int8_rate: Callable[[], float | None],
+    hint: str = "--backend onnx --dtype int8",
 ) -> str | None:
     """A line for the log when the int8 products (`int8_rate`, ops/s) run at least INT8_NOTE_MIN_SPEEDUP x
-    those of the precision auto chose (`rate`, FLOP/s): int8 is then likely the faster path here, but
-    auto never takes it (it changes results more than bf16: MiniLM's min cosine is 0.995, bf16's 0.9999).
-    None otherwise, or when the int8 kernel (the onnx extra) is not installed."""
+    those of the precision auto chose (`rate`, FLOP/s): int8 (`hint`: the flags that run it) is then likely
+    the faster path here, but auto never takes it (it changes results more than bf16: MiniLM's min cosine
+    is 0.995, bf16's 0.9999). None otherwise, or when onnxruntime, which measures the rate, is not installed."""
     measured = int8_rate()
     if measured is None:
         return None
@@ -131,6 +134,6 @@ def int8_note(
     if speedup < INT8_NOTE_MIN_SPEEDUP:
         return None
     return (
-        f"int8 products measured {speedup:.1f}x {choice} here: --backend onnx --dtype int8 is likely faster "
+        f"int8 products measured {speedup:.1f}x {choice} here: {hint} is likely faster "
         "(not chosen automatically: it changes results more)"
     )

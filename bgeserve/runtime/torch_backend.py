@@ -13,11 +13,13 @@ from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
 from bgeserve.models.heads import colbert_vectors, token_weights
 from bgeserve.models.packed import PackedBatch
+from bgeserve.runtime.cpu_features import cpu_has_native_bf16, exact_int8_products
 from bgeserve.runtime.cpu_linear import pack_encoder_linears
 from bgeserve.runtime.cuda_graphs import GraphedForward
 from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
 from bgeserve.runtime.int8 import quantize_encoder_int8
 from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult, cls_rows_suffice
+from bgeserve.runtime.token_int8 import Int8Kernels, quantize_encoder_token_int8
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,10 @@ class TorchBackend(PackedBackend):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         model = EmbeddingModel(checkpoint)
+        self.int8_recipe: str | None = None
         if self.dtype == "int8":
             # The encoder layers' projections in int8; embeddings, norms and heads stay fp32.
-            quantize_encoder_int8(model, self._calibration_batches())
+            self.int8_recipe = self._quantize(model, compile)
         model = model.to(self.device).eval()
         if self.dtype in ("fp16", "bf16"):
             model.encoder.set_compute_dtype(DTYPES[self.dtype])
@@ -57,7 +60,20 @@ class TorchBackend(PackedBackend):
         elif cuda_graphs:
             log.info("CUDA graphs apply to CUDA devices only: not used on %s", self.device)
         extras = ", compiled" * compile + ", CUDA graphs" * (self._graphs is not None)
+        extras += f"; int8: {self.int8_recipe}" if self.int8_recipe else ""
         log.info("loaded %s on %s (%s%s)", checkpoint.name, self.device, self.dtype, extras)
+
+    def _quantize(self, model: EmbeddingModel, compile: bool) -> str:
+        """Per-token u8 x s8 products on oneDNN where the CPU makes them exact (VNNI, AMX), else the
+        smoothed per-tensor kernel torch has everywhere (and `compile` traces). Returns which, for the log."""
+        if self.device == "cpu" and not compile and exact_int8_products():
+            kernels = Int8Kernels.build()
+            attention = "bf16" if cpu_has_native_bf16() else "fp32"
+            quantize_encoder_token_int8(model.encoder, kernels, DTYPES[attention], self.checkpoint.config.hidden_act)
+            fused = "fused" if kernels.compiled else "eager"
+            return f"per-token u8 x s8 on oneDNN, {fused} quantisation, {attention} attention"
+        quantize_encoder_int8(model, self._calibration_batches())
+        return "SmoothQuant-scaled rows over torch's dynamic int8 kernel"
 
     def _calibration_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A few lines of the packaged multilingual corpus, one text per batch (no padding rows)."""

@@ -1,0 +1,133 @@
+"""The per-token int8 recipe (oneDNN's u8 x s8 products on VNNI / AMX CPUs): its arithmetic, its kernels and
+where the torch backend picks it. Its outputs' fidelity is checked in test_torch_precision on every CPU, with
+the fp32 product of the same codes standing in for oneDNN's where this CPU's kernel would saturate."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bgeserve.core import BackendOptions
+from bgeserve.models.checkpoint import load_checkpoint
+from bgeserve.runtime import cpu_features, cpu_linear, torch_backend
+from bgeserve.runtime.cpu_info import cpu_flags
+from bgeserve.runtime.int8 import SmoothedInt8Linear
+from bgeserve.runtime.token_int8 import Int8Kernels, TokenInt8Linear, quantize_rows
+from bgeserve.runtime.torch_backend import TorchBackend
+
+pytestmark = pytest.mark.skipif(not cpu_linear.onednn_int8_available(), reason="this torch has no oneDNN int8 ops")
+
+
+def _rows(seed: int, shape: tuple[int, int]) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    x[0] = x[0].abs() + 0.5  # a row without negatives: its range starts at 0
+    x[1] *= 40  # an outlier row, as BERT's CLS row is
+    return x
+
+
+def test_rows_are_quantised_each_over_its_own_range_including_zero():
+    x = _rows(0, (6, 64))
+    codes, scale, zero = quantize_rows(x)
+    assert codes.dtype == torch.uint8 and scale.shape == zero.shape == (6, 1)
+    # Row 0 has no negatives: its range starts at 0 (zero point 0); the others reach both ends of the codes.
+    assert zero[0].item() == 0 and codes[0].min() > 0 and (codes[1:].min(1).values == 0).all()
+    assert (codes.max(1).values == 255).all()
+    # Within half a level everywhere, whatever the row's magnitude, and exactly zero where x is.
+    assert ((scale * (codes.float() - zero) - x).abs() <= scale / 2 + 1e-6).all()
+    codes0, _, zero0 = quantize_rows(torch.tensor([[0.0, -1.0, 2.0]]))
+    assert codes0[0, 0] == zero0[0, 0]
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_onednn_products_equal_the_reference_where_nothing_saturates(gelu):
+    """Weight codes within [-63, 63] keep every pair of u8 x s8 products under 16 bits, so even AVX2's
+    saturating instruction is exact: oneDNN's layer then equals the fp32 product of the same codes, on any CPU."""
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(-63, 64, (48, 64), generator=gen).float()
+    scales, bias = torch.rand(48, generator=gen) + 0.01, torch.randn(48, generator=gen)
+    onednn = TokenInt8Linear(codes, scales, bias, Int8Kernels.eager(), gelu=gelu)
+    reference = TokenInt8Linear(codes, scales, bias, Int8Kernels.reference_products(), gelu=gelu)
+    x = _rows(2, (7, 64)).reshape(1, 7, 64)
+    got, want = onednn(x), reference(x)
+    assert got.shape == (1, 7, 48) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    # And the reference is the recipe: y = a (q - z) (w s)^T + b on the row-quantised input.
+    q, a, z = quantize_rows(x[0])
+    y = a * ((q.float() - z) @ (codes * scales[:, None]).T) + bias
+    torch.testing.assert_close(want[0], torch.nn.functional.gelu(y) if gelu else y, rtol=1e-5, atol=1e-4)
+
+
+def test_a_linear_layer_becomes_s8_codes_per_output_channel():
+    linear = torch.nn.Linear(64, 32)
+    layer = TokenInt8Linear.from_linear(linear, Int8Kernels.reference_products(), out_dtype=torch.bfloat16)
+    assert layer.codes.dtype == torch.int8 and layer.codes.abs().amax(1).min() == 127
+    weight = layer.codes.float() * layer.scales[:, None]
+    assert (weight - linear.weight).abs().max() <= layer.scales.max() / 2 + 1e-7
+    x = torch.randn(5, 64)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(y.float(), linear(x).detach(), dim=1).min() > 0.999
+
+
+def test_the_probe_finds_a_saturating_product():
+    """oneDNN held to AVX2 saturates u8 x s8 on every CPU; the probe must see it (the torch backend then
+    keeps the SmoothQuant recipe)."""
+    code = "from bgeserve.runtime.cpu_linear import onednn_int8_exact; print(onednn_int8_exact())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not {"avx512_vnni", "amx_int8"} & cpu_flags(), reason="needs AVX512-VNNI or AMX: the exact kernel")
+def test_the_probe_finds_this_cpus_exact_product():
+    assert cpu_linear.onednn_int8_exact()
+
+
+def test_compiled_kernels_equal_the_eager_ones():
+    kernels = Int8Kernels.build()
+    if not kernels.compiled:
+        pytest.skip("torch.compile is not usable here (no C++ compiler): the eager kernels run")
+    eager = Int8Kernels.eager()
+    for rows, dtype in ((3, torch.float32), (37, torch.float32), (5, torch.bfloat16)):
+        x = _rows(rows, (rows, 96))
+        got, want = kernels.quantize(x), eager.quantize(x)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        product = torch.randn(rows, 40) * 1e4
+        col_sums, bias = torch.randn(1, 40) * 100, torch.randn(40)
+        for fast, slow in ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu)):
+            y = fast(product, want[1], want[2], col_sums, bias, dtype)
+            assert y.dtype == dtype
+            torch.testing.assert_close(y, slow(product, want[1], want[2], col_sums, bias, dtype))
+
+
+@pytest.fixture()
+def eager_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compile at load: these tests look at the recipe chosen, not its speed."""
+    monkeypatch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls: cls.eager()))
+
+
+def test_the_recipe_follows_the_cpu_class(m3_checkpoint, cpu_class, eager_kernels):
+    backend = TorchBackend(load_checkpoint(str(m3_checkpoint)), options=BackendOptions(dtype="int8"))
+    recipe, layer = backend.int8_recipe or "", backend.model.encoder.layers[0]
+    if cpu_class.int8_weights == "s8":  # VNNI or AMX
+        attention = "bf16" if cpu_class.auto_dtype == "bf16" else "fp32"
+        assert recipe.startswith("per-token u8 x s8 on oneDNN") and f"{attention} attention" in recipe
+        assert all(isinstance(getattr(layer, name), TokenInt8Linear) for name in ("qkv", "attn_out", "ffn_in"))
+        assert layer.qkv.out_dtype == (torch.bfloat16 if attention == "bf16" else torch.float32)
+        assert layer.ffn_in.gelu and layer.ffn_in.out_dtype == torch.float32
+    else:
+        assert recipe.startswith("SmoothQuant") and isinstance(layer.qkv, SmoothedInt8Linear)
+
+
+def test_a_vnni_cpu_whose_onednn_saturates_keeps_smoothquant(m3_checkpoint, simulate_cpu, monkeypatch, eager_kernels):
+    simulate_cpu("xeon-amx")
+    monkeypatch.setattr(cpu_features, "onednn_int8_exact", lambda: False)
+    backend = TorchBackend(load_checkpoint(str(m3_checkpoint)), options=BackendOptions(dtype="int8"))
+    assert (backend.int8_recipe or "").startswith("SmoothQuant")
