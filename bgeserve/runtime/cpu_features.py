@@ -8,6 +8,7 @@ export) are made from these; tests stand in other CPUs by replacing `cpu_capabil
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -15,7 +16,8 @@ from collections.abc import Callable, Collection, Mapping
 import torch
 
 from bgeserve.runtime.cpu_info import NATIVE_BF16_FLAGS, VNNI_FLAGS, cpu_flags
-from bgeserve.runtime.cpu_linear import PackedWeightLinear, onednn_int8_exact, onednn_linear_available
+from bgeserve.runtime.cpu_linear import PackedWeightLinear, onednn_linear_available
+from bgeserve.runtime.token_int8 import onednn_int8_available, onednn_int8_product
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,20 @@ def exact_int8_products(flags: Collection[str] | None = None) -> bool:
     """True where oneDNN's u8 x s8 products are exact, the torch int8 path's per-token kernel: VNNI or AMX
     in `flags` (/proc/cpuinfo's, the default) and oneDNN's product checked on a saturating input here."""
     return cpu_has_vnni(flags) and onednn_int8_exact()
+
+
+@functools.cache  # a fact of this machine and process
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's u8 x s8 product is exact where pairs of products pass 16 bits (255 x 127 x 2), on
+    bge-m3-like shapes: AVX2's instruction saturates them, VNNI's and AMX's do not; oneDNN held to an
+    older instruction set (ONEDNN_MAX_CPU_ISA) saturates on any CPU."""
+    if not onednn_int8_available():
+        return False
+    rows, depth, cols = 32, 1024, 64
+    codes = torch.full((rows, depth), 255, dtype=torch.uint8)
+    weight = torch.full((cols, depth), 127, dtype=torch.int8)
+    product = onednn_int8_product(codes, torch.ops.onednn.qlinear_prepack(weight, None), torch.ones(cols))
+    return bool((product == 255 * 127 * depth).all())  # 33,162,240: even, below 2^25, so exact in fp32
 
 
 def matmul_rate(dtype: torch.dtype, rows: int = 256, size: int = 1024, repeats: int = 3) -> float:

@@ -67,8 +67,8 @@ def cpu_class(flags: Collection[str]) -> tuple[str, str]:
     """The kernel class of a CPU with these flags, and what bgeserve runs there: (name, what it means)."""
     have = set(flags)
     vnni = bool(have & VNNI_FLAGS)
-    int8 = ("torch int8 runs per-token u8 x s8 products on oneDNN and the onnx int8 backend stores s8 weights "
-            "(u8 x s8 is exact with VNNI)" if vnni else
+    int8 = ("torch int8 runs per-token u8 x s8 products on oneDNN (once a probe at load finds them exact) and "
+            "the onnx int8 backend stores s8 weights (u8 x s8 is exact with VNNI)" if vnni else
             "torch int8 runs SmoothQuant-scaled rows through torch's dynamic int8 kernel and the onnx int8 backend "
             "stores u8 weights (u8 x s8 would saturate without VNNI)")
     if have & NATIVE_BF16_FLAGS:

@@ -1,5 +1,4 @@
-"""fp32 linear layers on oneDNN with weights pre-packed once, for the CPU; oneDNN's int8 product and a
-probe of whether it is exact on this CPU.
+"""fp32 linear layers on oneDNN with weights pre-packed once, for the CPU.
 
 torch's default fp32 `F.linear` goes to MKL's sgemm, which on AMD CPUs runs well below what the cores can
 do; oneDNN's JIT kernels on a weight reordered once into their blocked layout are faster (measured on this
@@ -9,7 +8,6 @@ the same pass. Results agree with `F.linear` to float rounding (the summation or
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterable
 from typing import cast
@@ -33,36 +31,6 @@ def onednn_linear_available() -> bool:
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
     )
-
-
-def onednn_int8_available() -> bool:
-    """Whether this torch build has oneDNN's int8 linear ops (x86 CPU builds do)."""
-    ops = torch.ops.onednn
-    return torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_prepack") and hasattr(
-        ops, "qlinear_pointwise"
-    )
-
-
-def onednn_int8_product(codes: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """u8 `codes` (scale 1, zero point 0) @ (`packed` s8 weight x per-output-channel `scales`)^T, in fp32."""
-    zero_points = torch.zeros(scales.numel(), dtype=torch.long)
-    return torch.ops.onednn.qlinear_pointwise(
-        codes, 1.0, 0, packed, scales, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
-    )
-
-
-@functools.cache  # a fact of this machine and process
-def onednn_int8_exact() -> bool:
-    """Whether oneDNN's u8 x s8 product is exact where pairs of products pass 16 bits (255 x 127 x 2):
-    AVX2's instruction saturates them, VNNI's and AMX's do not; oneDNN held to an older instruction set
-    (ONEDNN_MAX_CPU_ISA) saturates on any CPU."""
-    if not onednn_int8_available():
-        return False
-    depth = 64
-    codes = torch.full((1, depth), 255, dtype=torch.uint8)
-    weight = torch.full((8, depth), 127, dtype=torch.int8)
-    product = onednn_int8_product(codes, torch.ops.onednn.qlinear_prepack(weight, None), torch.ones(8))
-    return bool((product == 255 * 127 * depth).all())
 
 
 class PackedWeightLinear(nn.Module):

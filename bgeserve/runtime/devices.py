@@ -103,8 +103,10 @@ def _cpu_auto_dtype() -> tuple[str, str]:
     # stand in another CPU's features and rates call cache_clear()).
     rate = functools.cache(cpu_features.matmul_rate)  # each precision measured once, for both uses
     choice, why = choose_cpu_dtype(cpu_features.cpu_has_native_bf16(), rate)
-    # Where oneDNN's u8 x s8 is exact, the torch int8 path (per-token products) outruns the onnx graph.
-    hint = "--dtype int8" if cpu_features.exact_int8_products() else "--backend onnx --dtype int8"
+    # Where oneDNN's u8 x s8 is exact, the torch int8 path (per-token products, compiled passes) has the
+    # higher throughput; elsewhere the onnx graph's exact u8 x u8 products do.
+    hint = ("--dtype int8 (without --compile; a C++ compiler for its fused passes)"
+            if cpu_features.exact_int8_products() else "--backend onnx --dtype int8")
     note = int8_note(choice, rate, cpu_features.int8_product_rate, hint)
     return choice, f"{why}; {note}" if note else why
 

@@ -9,7 +9,7 @@ so it runs with scale 1 and zero point 0 and the per-row terms are applied to it
 
 with a_m, z_m the row's scale and zero point, w the weight codes and s their per-channel scales. u8 x s8
 is exact only where the CPU multiplies without 16-bit saturation (VNNI, AMX): elsewhere this recipe is
-not used (`cpu_features.exact_int8_products`).
+not used (`cpu_features.exact_int8_products`, which probes it at load).
 
 Quantising the rows and the epilogue are each one pass over memory when compiled (torch.compile, Inductor's
 C++ kernels); without a working compiler the same functions run eagerly, at several passes each.
@@ -27,11 +27,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from bgeserve.models.encoder import PROJECTIONS, EncoderLayer, TransformerEncoder
-from bgeserve.runtime.cpu_linear import onednn_int8_product
 
 log = logging.getLogger(__name__)
 
 CODES = 255  # u8 activation levels above the row minimum
+
+# What each projection hands on: Q, K and V to attention (bf16 where the CPU has it natively), the rest
+# to the fp32 residual stream; ffn_in in fp32 too, MiniLM's min cosine 0.99569 against 0.99503 in bf16.
+_ATTENTION_INPUTS = frozenset({"qkv"})
+
+
+def onednn_int8_available() -> bool:
+    """Whether this torch build has oneDNN's int8 linear ops (x86 CPU builds do)."""
+    ops = torch.ops.onednn
+    return torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_prepack") and hasattr(
+        ops, "qlinear_pointwise"
+    )
+
+
+def onednn_int8_product(codes: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                        zero_points: torch.Tensor | None = None) -> torch.Tensor:
+    """u8 `codes` (scale 1, zero point 0) @ (`packed` s8 weight x per-output-channel `scales`)^T, in fp32.
+    `zero_points`: the weight's, all 0 (symmetric), as a long tensor of the scales' length."""
+    if zero_points is None:
+        zero_points = torch.zeros(scales.numel(), dtype=torch.long)
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, 1.0, 0, packed, scales, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+    )
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,16 +93,19 @@ class Int8Kernels:
 
     @classmethod
     def eager(cls) -> Int8Kernels:
+        """The functions as written: several passes over memory each, no compiler needed."""
         return cls(quantize_rows, dequantize, dequantize_gelu, compiled=False)
 
     @classmethod
     def reference_products(cls) -> Int8Kernels:
+        """Eager functions and fp32 products of the codes (tests, and checking a CPU's kernel)."""
         return cls(quantize_rows, dequantize, dequantize_gelu, compiled=False, reference=True)
 
     @classmethod
     def build(cls) -> Int8Kernels:
-        """Compiled where torch.compile works here (it needs a C++ compiler), checked on a tiny product
-        against the eager functions; else the eager ones, with a log line saying so."""
+        """Compiled where torch.compile works here (it needs a C++ compiler): every variant a request
+        runs (fp32 or bf16 in and out, GELU or not, one row or several) is compiled now and checked against
+        the eager functions; else the eager ones, with a log line saying so."""
         compiled = cls(
             torch.compile(quantize_rows, dynamic=True),
             torch.compile(dequantize, dynamic=True),
@@ -88,7 +113,8 @@ class Int8Kernels:
             compiled=True,
         )
         try:
-            ok = _same_results(compiled, cls.eager())
+            with torch.inference_mode():  # as requests run: its own guards, its own graphs
+                ok = _same_results(compiled, cls.eager())
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             log.info("int8: torch.compile is not usable here (%s); the quantisation runs eagerly, slower",
                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -100,19 +126,23 @@ class Int8Kernels:
 
 
 def _same_results(kernels: Int8Kernels, eager: Int8Kernels) -> bool:
-    """`kernels` against `eager` on a tiny input: the same codes, and the epilogues within fp32 rounding
-    (a fused multiply-add rounds once where the eager passes round twice)."""
-    rows = torch.linspace(-2.0, 3.0, 96).reshape(3, 32)
-    got, want = kernels.quantize(rows), eager.quantize(rows)
-    if not all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
-        return False
-    product, col_sums, bias = rows[:, :8] * 1e3, torch.linspace(-5.0, 5.0, 8)[None], torch.ones(8)
-    scale, zero = want[1], want[2]
-    return all(
-        torch.allclose(fast(product, scale, zero, col_sums, bias, torch.float32),
-                       slow(product, scale, zero, col_sums, bias, torch.float32), rtol=1e-5, atol=1e-5)
-        for fast, slow in ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu))
-    )
+    """`kernels` against `eager` on small inputs of every variant a layer runs: the same codes, and the
+    epilogues within fp32 rounding (a fused multiply-add rounds once where the eager passes round twice)."""
+    gen = torch.Generator().manual_seed(0)
+    for rows, in_dtype in ((1, torch.float32), (3, torch.float32), (1, torch.bfloat16), (3, torch.bfloat16)):
+        x = torch.randn(rows, 32, generator=gen).to(in_dtype)
+        got, want = kernels.quantize(x), eager.quantize(x)
+        if not all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
+            return False
+        _, scale, zero = want
+        product, col_sums = torch.randn(rows, 8, generator=gen) * 1e3, torch.randn(1, 8, generator=gen)
+        bias = torch.randn(8, generator=gen)
+        for fast, slow in ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu)):
+            for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):  # bf16: one ulp apart
+                y, y0 = (f(product, scale, zero, col_sums, bias, out_dtype) for f in (fast, slow))
+                if y.dtype != out_dtype or not torch.allclose(y.float(), y0.float(), rtol=tol, atol=tol):
+                    return False
+    return True
 
 
 class TokenInt8Linear(nn.Module):
@@ -129,15 +159,19 @@ class TokenInt8Linear(nn.Module):
         self.out_dtype = out_dtype
         self.gelu = gelu
         # Plain attributes, not buffers: Module.to(dtype) must never cast the codes or oneDNN's packed copy.
-        self.codes = codes.to(torch.int8)
+        codes = codes.to(torch.int8)
         self.scales = scales.float()
-        self.packed = torch.ops.onednn.qlinear_prepack(self.codes, None)
-        self.col_sums = (self.codes.float().sum(1) * self.scales).unsqueeze(0)
+        self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
+        # The codes themselves only for the reference products: oneDNN reads its packed copy.
+        self.codes = codes if kernels.reference else None
+        self.zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        self.col_sums = (codes.float().sum(1) * self.scales).unsqueeze(0)
         self.bias = (bias.detach().float() if bias is not None else torch.zeros(self.out_features)).clone()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernels: Int8Kernels, out_dtype: torch.dtype = torch.float32,
                     gelu: bool = False) -> TokenInt8Linear:
+        """`linear`'s weight as s8 codes, each output channel scaled by its largest |w| / 127."""
         weight = linear.weight.detach().float()
         scales = (weight.abs().amax(1) / 127).clamp(min=1e-12)
         codes = torch.round(weight / scales[:, None]).clamp(-127, 127)
@@ -146,10 +180,10 @@ class TokenInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         codes, scale, zero = self.kernels.quantize(rows)
-        if self.kernels.reference:
+        if self.codes is not None:
             product = codes.float() @ (self.codes.float() * self.scales[:, None]).T
         else:
-            product = onednn_int8_product(codes, self.packed, self.scales)
+            product = onednn_int8_product(codes, self.packed, self.scales, self.zero_points)
         finish = self.kernels.dequantize_gelu if self.gelu else self.kernels.dequantize
         y = finish(product, scale, zero, self.col_sums, self.bias, self.out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -160,19 +194,13 @@ def quantize_encoder_token_int8(encoder: TransformerEncoder, kernels: Int8Kernel
     """Swaps every projection of the encoder layers for a TokenInt8Linear, in place. The residual stream
     and LayerNorms stay fp32; Q, K and V come out in `attention_dtype` (bf16 where the CPU has native
     bf16: the fused attention kernel's fast path); an exact GELU runs in the first feed-forward product's
-    epilogue."""
+    epilogue (other activations after it, as before)."""
     fuse_gelu = activation == "gelu"
     for layer in cast(Iterable[EncoderLayer], encoder.layers):
-        # ffn_in's output in fp32: MiniLM's min cosine 0.99569 against 0.99503 in bf16, at the same speed.
-        inner = {"qkv": attention_dtype, "attn_out": torch.float32, "ffn_in": torch.float32, "ffn_out": torch.float32}
         for name in PROJECTIONS:
-            linear = getattr(layer, name)
+            out_dtype = attention_dtype if name in _ATTENTION_INPUTS else torch.float32
             gelu = fuse_gelu and name == "ffn_in"
-            setattr(layer, name, TokenInt8Linear.from_linear(linear, kernels, inner[name], gelu))
+            setattr(layer, name, TokenInt8Linear.from_linear(getattr(layer, name), kernels, out_dtype, gelu))
         if fuse_gelu:
-            layer.act = _identity
+            layer.act = nn.Identity()
         layer.compute_dtype = torch.float32  # each product quantises its fp32 (or bf16) input itself
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x

@@ -8,18 +8,27 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from bgeserve.core import BackendOptions
+from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.models.checkpoint import load_checkpoint
-from bgeserve.runtime import cpu_features, cpu_linear, torch_backend
+from bgeserve.models.embedding_model import EmbeddingModel
+from bgeserve.runtime import cpu_features, torch_backend
 from bgeserve.runtime.cpu_info import cpu_flags
 from bgeserve.runtime.int8 import SmoothedInt8Linear
-from bgeserve.runtime.token_int8 import Int8Kernels, TokenInt8Linear, quantize_rows
+from bgeserve.runtime.token_int8 import (
+    Int8Kernels,
+    TokenInt8Linear,
+    onednn_int8_available,
+    onednn_int8_product,
+    quantize_encoder_token_int8,
+    quantize_rows,
+)
 from bgeserve.runtime.torch_backend import TorchBackend
 
-pytestmark = pytest.mark.skipif(not cpu_linear.onednn_int8_available(), reason="this torch has no oneDNN int8 ops")
+pytestmark = pytest.mark.skipif(not onednn_int8_available(), reason="this torch has no oneDNN int8 ops")
 
 
 def _rows(seed: int, shape: tuple[int, int]) -> torch.Tensor:
@@ -43,23 +52,34 @@ def test_rows_are_quantised_each_over_its_own_range_including_zero():
     assert codes0[0, 0] == zero0[0, 0]
 
 
-@pytest.mark.parametrize("gelu", [False, True])
-def test_onednn_products_equal_the_reference_where_nothing_saturates(gelu):
+def test_onednn_products_are_exact_where_nothing_saturates():
     """Weight codes within [-63, 63] keep every pair of u8 x s8 products under 16 bits, so even AVX2's
-    saturating instruction is exact: oneDNN's layer then equals the fp32 product of the same codes, on any CPU."""
+    saturating instruction is exact: oneDNN's product equals the integer one, on any CPU."""
     gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(-63, 64, (48, 256), generator=gen, dtype=torch.int8)
+    x = torch.randint(0, 256, (9, 256), generator=gen, dtype=torch.uint8)
+    got = onednn_int8_product(x, torch.ops.onednn.qlinear_prepack(codes, None), torch.ones(48))
+    want = x.long() @ codes.long().T  # |values| < 2^24: exact in fp32 too
+    assert torch.equal(got, want.float())
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_the_layer_is_the_recipe_on_onednn_and_on_the_reference(gelu):
+    """y = a (q - z) (w s)^T + b on the row-quantised input (then GELU), against float64 arithmetic."""
+    gen = torch.Generator().manual_seed(2)
     codes = torch.randint(-63, 64, (48, 64), generator=gen).float()
     scales, bias = torch.rand(48, generator=gen) + 0.01, torch.randn(48, generator=gen)
-    onednn = TokenInt8Linear(codes, scales, bias, Int8Kernels.eager(), gelu=gelu)
-    reference = TokenInt8Linear(codes, scales, bias, Int8Kernels.reference_products(), gelu=gelu)
-    x = _rows(2, (7, 64)).reshape(1, 7, 64)
-    got, want = onednn(x), reference(x)
-    assert got.shape == (1, 7, 48) and got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    # And the reference is the recipe: y = a (q - z) (w s)^T + b on the row-quantised input.
-    q, a, z = quantize_rows(x[0])
-    y = a * ((q.float() - z) @ (codes * scales[:, None]).T) + bias
-    torch.testing.assert_close(want[0], torch.nn.functional.gelu(y) if gelu else y, rtol=1e-5, atol=1e-4)
+    x = _rows(3, (7, 64)).reshape(1, 7, 64)
+    q, a, z = (t.double() for t in quantize_rows(x[0]))
+    weight = codes.double() * scales.double()[:, None]
+    want = a * ((q - z) @ weight.T) + bias.double()
+    want = torch.nn.functional.gelu(want) if gelu else want
+    # fp32 keeps ~7 digits of the terms before they cancel: a (|q w| + |z w|), the largest of them.
+    bound = 1e-6 * (a * (q.abs() @ weight.abs().T + z * weight.abs().sum(1))).max().item()
+    for kernels in (Int8Kernels.eager(), Int8Kernels.reference_products()):
+        got = TokenInt8Linear(codes, scales, bias, kernels, gelu=gelu)(x)
+        assert got.shape == (1, 7, 48) and got.dtype == torch.float32
+        assert (got[0].double() - want).abs().max().item() <= bound
 
 
 def test_a_linear_layer_becomes_s8_codes_per_output_channel():
@@ -77,7 +97,7 @@ def test_a_linear_layer_becomes_s8_codes_per_output_channel():
 def test_the_probe_finds_a_saturating_product():
     """oneDNN held to AVX2 saturates u8 x s8 on every CPU; the probe must see it (the torch backend then
     keeps the SmoothQuant recipe)."""
-    code = "from bgeserve.runtime.cpu_linear import onednn_int8_exact; print(onednn_int8_exact())"
+    code = "from bgeserve.runtime.cpu_features import onednn_int8_exact; print(onednn_int8_exact())"
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -86,25 +106,36 @@ def test_the_probe_finds_a_saturating_product():
 
 @pytest.mark.skipif(not {"avx512_vnni", "amx_int8"} & cpu_flags(), reason="needs AVX512-VNNI or AMX: the exact kernel")
 def test_the_probe_finds_this_cpus_exact_product():
-    assert cpu_linear.onednn_int8_exact()
+    assert cpu_features.onednn_int8_exact()
 
 
 def test_compiled_kernels_equal_the_eager_ones():
     kernels = Int8Kernels.build()
     if not kernels.compiled:
         pytest.skip("torch.compile is not usable here (no C++ compiler): the eager kernels run")
-    eager = Int8Kernels.eager()
-    for rows, dtype in ((3, torch.float32), (37, torch.float32), (5, torch.bfloat16)):
-        x = _rows(rows, (rows, 96))
-        got, want = kernels.quantize(x), eager.quantize(x)
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-        product = torch.randn(rows, 40) * 1e4
-        col_sums, bias = torch.randn(1, 40) * 100, torch.randn(40)
-        for fast, slow in ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu)):
-            y = fast(product, want[1], want[2], col_sums, bias, dtype)
-            assert y.dtype == dtype
-            torch.testing.assert_close(y, slow(product, want[1], want[2], col_sums, bias, dtype))
+    eager, gen = Int8Kernels.eager(), torch.Generator().manual_seed(4)
+    pairs = ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu))
+    cases = ((1, torch.float32, torch.float32), (37, torch.float32, torch.float32), (5, torch.bfloat16, torch.bfloat16))
+    with torch.inference_mode():
+        for rows, in_dtype, out_dtype in cases:
+            x = _rows(rows, (max(rows, 2), 96))[:rows].to(in_dtype)
+            got, want = kernels.quantize(x), eager.quantize(x)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            product = torch.randn(rows, 40, generator=gen) * 1e4
+            col_sums, bias = torch.randn(1, 40, generator=gen) * 100, torch.randn(40, generator=gen)
+            for fast, slow in pairs:
+                y = fast(product, want[1], want[2], col_sums, bias, out_dtype)
+                assert y.dtype == out_dtype
+                torch.testing.assert_close(y, slow(product, want[1], want[2], col_sums, bias, out_dtype))
+
+
+def test_an_activation_other_than_gelu_runs_after_the_product(m3_checkpoint):
+    model = EmbeddingModel(load_checkpoint(str(m3_checkpoint)))
+    act = model.encoder.layers[0].act
+    quantize_encoder_token_int8(model.encoder, Int8Kernels.reference_products(), torch.float32, "gelu_new")
+    layer = model.encoder.layers[0]
+    assert layer.act is act and not layer.ffn_in.gelu
 
 
 @pytest.fixture()
@@ -131,3 +162,17 @@ def test_a_vnni_cpu_whose_onednn_saturates_keeps_smoothquant(m3_checkpoint, simu
     monkeypatch.setattr(cpu_features, "onednn_int8_exact", lambda: False)
     backend = TorchBackend(load_checkpoint(str(m3_checkpoint)), options=BackendOptions(dtype="int8"))
     assert (backend.int8_recipe or "").startswith("SmoothQuant")
+
+
+def test_cls_rows_of_the_last_layer_give_the_full_pass_vectors(m3_checkpoint, monkeypatch):
+    """A dense-only request runs the last layer on each text's CLS row; each row is quantised on its own,
+    so its vector is the one of the pass over every row (here with the reference products, on any CPU)."""
+    monkeypatch.setattr(torch_backend, "exact_int8_products", lambda: True)
+    monkeypatch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls: cls.reference_products()))
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    backend = TorchBackend(ckpt, options=BackendOptions(dtype="int8"))
+    ids = ckpt.tokenizer.encode(["a short one", "a somewhat longer text about int8 products", "x"], max_length=64).ids
+    dense_only = backend.run(ids, OutputRequest())
+    full = backend.run(ids, OutputRequest(sparse=True))
+    for a, b in zip(dense_only, full, strict=True):
+        assert np.abs(a.dense - b.dense).max() <= 1e-5

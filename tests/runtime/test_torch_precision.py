@@ -78,7 +78,7 @@ def test_int8_runs_the_reference_arithmetic_here(minilm_corpus):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls: cls.reference_products()))
         reference, _ = _dense(TorchBackend(ckpt, options=BackendOptions(dtype="int8")), ids)
-    assert (real * reference).sum(1).min() >= 0.99999
+    assert (real * reference).sum(1).min() >= 0.9999
 
 
 def test_int8_keeps_top_sparse_tokens(m3_checkpoint, int8_recipe):
@@ -157,9 +157,9 @@ def test_auto_dtype_on_each_cpu_class(cpu_class):
     chosen_rate = cpu_class.bf16_rate if choice == "bf16" else cpu_class.fp32_rate
     int8_speedup = cpu_class.int8_rate / chosen_rate
     # With VNNI the torch int8 path runs oneDNN's exact u8 x s8 products; without, the onnx graph is the faster.
-    hint = "--dtype int8" if cpu_class.int8_weights == "s8" else "--backend onnx --dtype int8"
+    hint = "--dtype int8 (without --compile" if cpu_class.int8_weights == "s8" else "--backend onnx --dtype int8 is"
     if int8_speedup >= INT8_NOTE_MIN_SPEEDUP:
-        assert f"int8 products measured {int8_speedup:.1f}x {choice} here: {hint} is likely faster" in why
+        assert f"int8 products measured {int8_speedup:.1f}x {choice} here: {hint}" in why
     else:
         assert "int8" not in why
 
