@@ -168,6 +168,7 @@ def test_cls_rows_of_the_last_layer_give_the_full_pass_vectors(m3_checkpoint, mo
     """A dense-only request runs the last layer on each text's CLS row; each row is quantised on its own,
     so its vector is the one of the pass over every row (here with the reference products, on any CPU)."""
     monkeypatch.setattr(torch_backend, "exact_int8_products", lambda: True)
+    monkeypatch.setattr(torch_backend, "cpu_has_native_bf16", lambda: False)  # fp32 attention on any CPU
     monkeypatch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls: cls.reference_products()))
     ckpt = load_checkpoint(str(m3_checkpoint))
     backend = TorchBackend(ckpt, options=BackendOptions(dtype="int8"))
