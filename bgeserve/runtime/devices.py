@@ -128,7 +128,7 @@ def int8_note(
     """A line for the log when the int8 products (`int8_rate`, ops/s) run at least INT8_NOTE_MIN_SPEEDUP x
     those of the precision auto chose (`rate`, FLOP/s): int8 (`hint`: the flags that run it) is then likely
     the faster path here, but auto never takes it (it changes results more than bf16: MiniLM's min cosine
-    is 0.995, bf16's 0.9999). None otherwise, or when onnxruntime, which measures the rate, is not installed."""
+    is 0.995-0.998, bf16's 0.9999). None otherwise, or when onnxruntime, which measures the rate, is not installed."""
     measured = int8_rate()
     if measured is None:
         return None

@@ -34,10 +34,7 @@ class SmoothedInt8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, input_max: torch.Tensor) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
-        scale = (input_max.clamp(min=1e-5) ** SMOOTHING_ALPHA) / (
-            weight.abs().amax(0).clamp(min=1e-5) ** (1 - SMOOTHING_ALPHA)
-        )
-        scale = scale.clamp(min=1e-5)
+        scale = smoothing_scales(input_max, weight)
         smoothed = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         with torch.no_grad():
             smoothed.weight.copy_(weight * scale)
@@ -59,8 +56,18 @@ class SmoothedInt8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], -1)
 
 
+def smoothing_scales(input_max: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SmoothQuant's per-input-channel s_j = max|X_j|^alpha / max|W_j|^(1 - alpha): x / s and W * s give
+    the same product with the activations' outlier channels flattened, which per-row ranges need."""
+    scale = (input_max.clamp(min=1e-5) ** SMOOTHING_ALPHA) / (
+        weight.abs().amax(0).clamp(min=1e-5) ** (1 - SMOOTHING_ALPHA)
+    )
+    return scale.clamp(min=1e-5)
+
+
 @torch.inference_mode()
-def _input_maxima(model: EmbeddingModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def input_maxima(model: EmbeddingModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each encoder projection's largest |input| per channel over `batches`, keyed "layer.projection"."""
     maxima: dict[str, torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(model.encoder.layers):
@@ -83,7 +90,7 @@ def _input_maxima(model: EmbeddingModel, batches: list[tuple[torch.Tensor, torch
 
 def quantize_encoder_int8(model: EmbeddingModel, calibration: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Replaces every projection of the encoder layers (in place) with a SmoothedInt8Linear."""
-    maxima = _input_maxima(model, calibration)
+    maxima = input_maxima(model, calibration)
     for i, layer in enumerate(model.encoder.layers):
         for name in PROJECTIONS:
             setattr(layer, name, SmoothedInt8Linear(getattr(layer, name), maxima[f"{i}.{name}"]))

@@ -1,9 +1,13 @@
 """Accurate int8 linear layers for torch on CPUs with VNNI or AMX: oneDNN's u8 x s8 products, one range per token.
 
-The recipe is the ONNX int8 graph's (`runtime.onnx_int8`), which keeps all-MiniLM-L6-v2's min dense cosine
-above 0.995: weights s8 per output channel (symmetric), each activation row quantised to u8 over its own
-range [min(x, 0), max(x, 0)]. oneDNN's int8 linear takes one activation scale and zero point per tensor,
-so it runs with scale 1 and zero point 0 and the per-row terms are applied to its fp32 output:
+The recipe is the ONNX int8 graph's (`runtime.onnx_int8`: weights s8 per output channel, symmetric; each
+activation row quantised to u8 over its own range [min(x, 0), max(x, 0)]) with SmoothQuant's channel
+scaling before the rows are quantised (x / t_j into the quantisation, W * t_j into the codes, t calibrated
+at load on a few texts, `int8.smoothing_scales`): BERT's outlier channels otherwise set every row's range,
+and moving them into the weights lifts all-MiniLM-L6-v2's min dense cosine from ~0.995 (the ONNX graph's,
+unsmoothed) to 0.998. The codes w below are those of W * t. oneDNN's int8 linear takes one activation
+scale and zero point per tensor, so it runs with scale 1 and zero point 0 and the per-row terms are
+applied to its fp32 output:
 
     y_mn = a_m * (P_mn - z_m * c_n) + b_n,   P = q @ (w * s)^T,   c_n = s_n * sum_k w_nk
 
@@ -18,7 +22,7 @@ C++ kernels); without a working compiler the same functions run eagerly, at seve
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -27,13 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bgeserve.models.encoder import PROJECTIONS, EncoderLayer, TransformerEncoder
+from bgeserve.runtime.int8 import smoothing_scales
 
 log = logging.getLogger(__name__)
 
 CODES = 255  # u8 activation levels above the row minimum
 
 # What each projection hands on: Q, K and V to attention (bf16 where the CPU has it natively), the rest
-# to the fp32 residual stream; ffn_in in fp32 too, MiniLM's min cosine 0.99569 against 0.99503 in bf16.
+# to the fp32 residual stream; ffn_in in fp32 too: a bf16 output there was no faster, nor closer to fp32.
 _ATTENTION_INPUTS = frozenset({"qkv"})
 
 
@@ -56,9 +61,10 @@ def onednn_int8_product(codes: torch.Tensor, packed: torch.Tensor, scales: torch
     )
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[rows, K] -> u8 codes, each row's scale and zero point ([rows, 1] fp32): x ~ scale * (codes - zero)."""
-    xf = x.float()
+def quantize_rows(x: torch.Tensor, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[rows, K] x [K] channel factors -> u8 codes, each row's scale and zero point ([rows, 1] fp32):
+    x * smooth ~ scale * (codes - zero)."""
+    xf = x.float() * smooth
     lo = xf.amin(1, keepdim=True).clamp(max=0)
     hi = xf.amax(1, keepdim=True).clamp(min=0)
     scale = ((hi - lo) / CODES).clamp(min=1e-12)
@@ -85,7 +91,7 @@ class Int8Kernels:
     whether the product itself runs on oneDNN or, with `reference`, as the fp32 product of the same codes:
     the arithmetic of VNNI's and AMX's kernels on any CPU, to check the recipe where they are absent."""
 
-    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    quantize: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     dequantize: Callable[..., torch.Tensor]
     dequantize_gelu: Callable[..., torch.Tensor]
     compiled: bool
@@ -113,8 +119,7 @@ class Int8Kernels:
             compiled=True,
         )
         try:
-            with torch.inference_mode():  # as requests run: its own guards, its own graphs
-                ok = _same_results(compiled, cls.eager())
+            ok = _same_results(compiled, cls.eager())
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             log.info("int8: torch.compile is not usable here (%s); the quantisation runs eagerly, slower",
                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -127,21 +132,25 @@ class Int8Kernels:
 
 def _same_results(kernels: Int8Kernels, eager: Int8Kernels) -> bool:
     """`kernels` against `eager` on small inputs of every variant a layer runs: the same codes, and the
-    epilogues within fp32 rounding (a fused multiply-add rounds once where the eager passes round twice)."""
+    epilogues within fp32 rounding (a fused multiply-add rounds once where the eager passes round twice).
+    Tensors are made as a layer's are, so the graphs compiled here are the ones requests hit: its
+    constants (channel factors, column sums, bias) as plain tensors made at load, the activations and
+    products as inference tensors (requests run under inference_mode; Dynamo guards on the difference)."""
     gen = torch.Generator().manual_seed(0)
+    smooth, col_sums, bias = torch.rand(32, generator=gen) + 0.5, torch.randn(1, 8, generator=gen), torch.randn(8)
     for rows, in_dtype in ((1, torch.float32), (3, torch.float32), (1, torch.bfloat16), (3, torch.bfloat16)):
-        x = torch.randn(rows, 32, generator=gen).to(in_dtype)
-        got, want = kernels.quantize(x), eager.quantize(x)
-        if not all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
-            return False
-        _, scale, zero = want
-        product, col_sums = torch.randn(rows, 8, generator=gen) * 1e3, torch.randn(1, 8, generator=gen)
-        bias = torch.randn(8, generator=gen)
-        for fast, slow in ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu)):
-            for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):  # bf16: one ulp apart
-                y, y0 = (f(product, scale, zero, col_sums, bias, out_dtype) for f in (fast, slow))
-                if y.dtype != out_dtype or not torch.allclose(y.float(), y0.float(), rtol=tol, atol=tol):
-                    return False
+        with torch.inference_mode():
+            x, product = torch.randn(rows, 32, generator=gen).to(in_dtype), torch.randn(rows, 8, generator=gen) * 1e3
+            got, want = kernels.quantize(x, smooth), eager.quantize(x, smooth)
+            if not all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
+                return False
+            _, scale, zero = want
+            epilogues = ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu))
+            for fast, slow in epilogues:
+                for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):  # bf16: one ulp apart
+                    y, y0 = (f(product, scale, zero, col_sums, bias, out_dtype) for f in (fast, slow))
+                    if y.dtype != out_dtype or not torch.allclose(y.float(), y0.float(), rtol=tol, atol=tol):
+                        return False
     return True
 
 
@@ -149,10 +158,12 @@ class TokenInt8Linear(nn.Module):
     """y = x W^T + b (then GELU with `gelu`) with W as s8 codes per output channel and x quantised per row.
 
     Built from the codes (`from_linear` quantises an nn.Linear); `out_dtype` is what the layer after it
-    reads (the residual stream's fp32, or the attention's compute dtype)."""
+    reads (the residual stream's fp32, or the attention's compute dtype); `smooth` multiplies each input
+    channel before quantisation (1 / SmoothQuant's s, whose s the codes already carry)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 kernels: Int8Kernels, out_dtype: torch.dtype = torch.float32, gelu: bool = False) -> None:
+                 kernels: Int8Kernels, out_dtype: torch.dtype = torch.float32, gelu: bool = False,
+                 smooth: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.kernels = kernels
@@ -167,19 +178,25 @@ class TokenInt8Linear(nn.Module):
         self.zero_points = torch.zeros(self.out_features, dtype=torch.long)
         self.col_sums = (codes.float().sum(1) * self.scales).unsqueeze(0)
         self.bias = (bias.detach().float() if bias is not None else torch.zeros(self.out_features)).clone()
+        self.smooth = smooth.float().clone() if smooth is not None else torch.ones(self.in_features)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernels: Int8Kernels, out_dtype: torch.dtype = torch.float32,
-                    gelu: bool = False) -> TokenInt8Linear:
-        """`linear`'s weight as s8 codes, each output channel scaled by its largest |w| / 127."""
+                    gelu: bool = False, input_max: torch.Tensor | None = None) -> TokenInt8Linear:
+        """`linear`'s weight as s8 codes, each output channel scaled by its largest |w| / 127; with
+        `input_max` (each input channel's largest |x| on calibration texts) smoothed first."""
         weight = linear.weight.detach().float()
+        smooth = None
+        if input_max is not None:
+            channel_scales = smoothing_scales(input_max.float(), weight)
+            weight, smooth = weight * channel_scales, 1.0 / channel_scales
         scales = (weight.abs().amax(1) / 127).clamp(min=1e-12)
         codes = torch.round(weight / scales[:, None]).clamp(-127, 127)
-        return cls(codes, scales, linear.bias, kernels, out_dtype, gelu)
+        return cls(codes, scales, linear.bias, kernels, out_dtype, gelu, smooth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        codes, scale, zero = self.kernels.quantize(rows)
+        codes, scale, zero = self.kernels.quantize(rows, self.smooth)
         if self.codes is not None:
             product = codes.float() @ (self.codes.float() * self.scales[:, None]).T
         else:
@@ -189,18 +206,21 @@ class TokenInt8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def quantize_encoder_token_int8(encoder: TransformerEncoder, kernels: Int8Kernels,
-                                attention_dtype: torch.dtype, activation: str) -> None:
+def quantize_encoder_token_int8(encoder: TransformerEncoder, kernels: Int8Kernels, attention_dtype: torch.dtype,
+                                activation: str, input_maxima: Mapping[str, torch.Tensor] | None = None) -> None:
     """Swaps every projection of the encoder layers for a TokenInt8Linear, in place. The residual stream
     and LayerNorms stay fp32; Q, K and V come out in `attention_dtype` (bf16 where the CPU has native
     bf16: the fused attention kernel's fast path); an exact GELU runs in the first feed-forward product's
-    epilogue (other activations after it, as before)."""
+    epilogue (other activations after it, as before). `input_maxima` (`int8.input_maxima`'s, keyed
+    "layer.projection") smooths each projection; without them none is."""
     fuse_gelu = activation == "gelu"
-    for layer in cast(Iterable[EncoderLayer], encoder.layers):
+    for i, layer in enumerate(cast(Iterable[EncoderLayer], encoder.layers)):
         for name in PROJECTIONS:
             out_dtype = attention_dtype if name in _ATTENTION_INPUTS else torch.float32
             gelu = fuse_gelu and name == "ffn_in"
-            setattr(layer, name, TokenInt8Linear.from_linear(getattr(layer, name), kernels, out_dtype, gelu))
+            input_max = input_maxima[f"{i}.{name}"] if input_maxima is not None else None
+            linear = TokenInt8Linear.from_linear(getattr(layer, name), kernels, out_dtype, gelu, input_max)
+            setattr(layer, name, linear)
         if fuse_gelu:
             layer.act = nn.Identity()
         layer.compute_dtype = torch.float32  # each product quantises its fp32 (or bf16) input itself

@@ -17,7 +17,7 @@ from bgeserve.runtime.cpu_features import cpu_has_native_bf16, exact_int8_produc
 from bgeserve.runtime.cpu_linear import pack_encoder_linears
 from bgeserve.runtime.cuda_graphs import GraphedForward
 from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
-from bgeserve.runtime.int8 import quantize_encoder_int8
+from bgeserve.runtime.int8 import input_maxima, quantize_encoder_int8
 from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult, cls_rows_suffice
 from bgeserve.runtime.token_int8 import Int8Kernels, quantize_encoder_token_int8
 
@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 
 COMPILE_LENGTH_BUCKET = 32
 CALIBRATION_TEXTS = 16
+
+
+def calibration_texts() -> list[str]:
+    """The lines int8 calibrates its channel scales on: a few of the packaged multilingual corpus, spread over it."""
+    lines = sample_texts()
+    return lines[:: max(1, len(lines) // CALIBRATION_TEXTS)][:CALIBRATION_TEXTS]
 
 
 class TorchBackend(PackedBackend):
@@ -69,18 +75,17 @@ class TorchBackend(PackedBackend):
         if self.device == "cpu" and not compile and exact_int8_products():
             kernels = Int8Kernels.build()
             attention = "bf16" if cpu_has_native_bf16() else "fp32"
-            quantize_encoder_token_int8(model.encoder, kernels, DTYPES[attention], self.checkpoint.config.hidden_act)
+            maxima = input_maxima(model, self._calibration_batches())
+            quantize_encoder_token_int8(model.encoder, kernels, DTYPES[attention], self.checkpoint.config.hidden_act,
+                                        maxima)
             fused = "fused" if kernels.compiled else "eager"
-            return f"per-token u8 x s8 on oneDNN, {fused} quantisation, {attention} attention"
+            return f"per-token u8 x s8 on oneDNN over smoothed channels, {fused} quantisation, {attention} attention"
         quantize_encoder_int8(model, self._calibration_batches())
         return "SmoothQuant-scaled rows over torch's dynamic int8 kernel"
 
     def _calibration_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A few lines of the packaged multilingual corpus, one text per batch (no padding rows)."""
-        lines = sample_texts()
-        step = max(1, len(lines) // CALIBRATION_TEXTS)
-        texts = lines[::step][:CALIBRATION_TEXTS]
-        ids = self.checkpoint.tokenizer.encode(texts, max_length=min(128, self.checkpoint.max_length)).ids
+        """`calibration_texts()`, one text per batch (no padding rows)."""
+        ids = self.checkpoint.tokenizer.encode(calibration_texts(), max_length=min(128, self.checkpoint.max_length)).ids
         return [(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)) for seq in ids]
 
     def _warm_up(self) -> None:

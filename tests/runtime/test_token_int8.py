@@ -41,15 +41,21 @@ def _rows(seed: int, shape: tuple[int, int]) -> torch.Tensor:
 
 def test_rows_are_quantised_each_over_its_own_range_including_zero():
     x = _rows(0, (6, 64))
-    codes, scale, zero = quantize_rows(x)
+    codes, scale, zero = quantize_rows(x, torch.ones(64))
     assert codes.dtype == torch.uint8 and scale.shape == zero.shape == (6, 1)
     # Row 0 has no negatives: its range starts at 0 (zero point 0); the others reach both ends of the codes.
     assert zero[0].item() == 0 and codes[0].min() > 0 and (codes[1:].min(1).values == 0).all()
     assert (codes.max(1).values == 255).all()
     # Within half a level everywhere, whatever the row's magnitude, and exactly zero where x is.
     assert ((scale * (codes.float() - zero) - x).abs() <= scale / 2 + 1e-6).all()
-    codes0, _, zero0 = quantize_rows(torch.tensor([[0.0, -1.0, 2.0]]))
+    codes0, _, zero0 = quantize_rows(torch.tensor([[0.0, -1.0, 2.0]]), torch.ones(3))
     assert codes0[0, 0] == zero0[0, 0]
+
+
+def test_rows_are_quantised_after_the_channel_factors():
+    x, smooth = _rows(5, (4, 16)), torch.linspace(0.1, 2.0, 16)
+    for got, want in zip(quantize_rows(x, smooth), quantize_rows(x * smooth, torch.ones(16)), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_onednn_products_are_exact_where_nothing_saturates():
@@ -70,7 +76,7 @@ def test_the_layer_is_the_recipe_on_onednn_and_on_the_reference(gelu):
     codes = torch.randint(-63, 64, (48, 64), generator=gen).float()
     scales, bias = torch.rand(48, generator=gen) + 0.01, torch.randn(48, generator=gen)
     x = _rows(3, (7, 64)).reshape(1, 7, 64)
-    q, a, z = (t.double() for t in quantize_rows(x[0]))
+    q, a, z = (t.double() for t in quantize_rows(x[0], torch.ones(64)))
     weight = codes.double() * scales.double()[:, None]
     want = a * ((q - z) @ weight.T) + bias.double()
     want = torch.nn.functional.gelu(want) if gelu else want
@@ -92,6 +98,25 @@ def test_a_linear_layer_becomes_s8_codes_per_output_channel():
     y = layer(x)
     assert y.dtype == torch.bfloat16
     assert torch.nn.functional.cosine_similarity(y.float(), linear(x).detach(), dim=1).min() > 0.999
+
+
+def test_smoothing_moves_outlier_channels_into_the_weights():
+    """With each input channel's calibrated maximum, the layer quantises x / s and holds W * s: the same
+    product, but an outlier channel no longer sets every row's range, so the other channels keep their
+    levels (BERT-family activations have such channels)."""
+    gen = torch.Generator().manual_seed(6)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(40, 64, generator=gen)
+    x[:, 3] *= 60  # one outlier channel in every row
+    kernels = Int8Kernels.reference_products()
+    plain = TokenInt8Linear.from_linear(linear, kernels)
+    smoothed = TokenInt8Linear.from_linear(linear, kernels, input_max=x.abs().amax(0))
+    assert torch.allclose(smoothed.codes.float() * smoothed.scales[:, None] * smoothed.smooth,
+                          linear.weight.detach(), atol=smoothed.scales.max().item())
+    with torch.no_grad():
+        want = linear(x)
+        errors = [(layer(x) - want).norm().item() for layer in (plain, smoothed)]
+    assert errors[1] < errors[0] / 2
 
 
 def test_the_probe_finds_a_saturating_product():
@@ -118,8 +143,8 @@ def test_compiled_kernels_equal_the_eager_ones():
     cases = ((1, torch.float32, torch.float32), (37, torch.float32, torch.float32), (5, torch.bfloat16, torch.bfloat16))
     with torch.inference_mode():
         for rows, in_dtype, out_dtype in cases:
-            x = _rows(rows, (max(rows, 2), 96))[:rows].to(in_dtype)
-            got, want = kernels.quantize(x), eager.quantize(x)
+            x, smooth = _rows(rows, (max(rows, 2), 96))[:rows].to(in_dtype), torch.rand(96, generator=gen) + 0.5
+            got, want = kernels.quantize(x, smooth), eager.quantize(x, smooth)
             for a, b in zip(got, want, strict=True):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
             product = torch.randn(rows, 40, generator=gen) * 1e4
@@ -128,6 +153,23 @@ def test_compiled_kernels_equal_the_eager_ones():
                 y = fast(product, want[1], want[2], col_sums, bias, out_dtype)
                 assert y.dtype == out_dtype
                 torch.testing.assert_close(y, slow(product, want[1], want[2], col_sums, bias, out_dtype))
+
+
+def test_requests_run_the_graphs_compiled_at_load():
+    """A layer made at load and called under inference_mode, as requests call it, in every variant
+    (one row and several, fp32 or bf16 in and out, GELU), finds a graph compiled by `build`: no request
+    pays a compile."""
+    kernels = Int8Kernels.build()
+    if not kernels.compiled:
+        pytest.skip("torch.compile is not usable here (no C++ compiler): the eager kernels run")
+    gen = torch.Generator().manual_seed(7)
+    linear = torch.nn.Linear(96, 40)
+    layers = [TokenInt8Linear.from_linear(linear, kernels, out_dtype, gelu, input_max=torch.rand(96, generator=gen))
+              for out_dtype in (torch.float32, torch.bfloat16) for gelu in (False, True)]
+    with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
+        for layer in layers:
+            for rows, in_dtype in ((1, torch.float32), (9, torch.float32), (1, torch.bfloat16), (6, torch.bfloat16)):
+                assert layer(torch.randn(rows, 96, generator=gen).to(in_dtype)).shape == (rows, 40)
 
 
 def test_an_activation_other_than_gelu_runs_after_the_product(m3_checkpoint):
@@ -153,6 +195,7 @@ def test_the_recipe_follows_the_cpu_class(m3_checkpoint, cpu_class, eager_kernel
         assert all(isinstance(getattr(layer, name), TokenInt8Linear) for name in ("qkv", "attn_out", "ffn_in"))
         assert layer.qkv.out_dtype == (torch.bfloat16 if attention == "bf16" else torch.float32)
         assert layer.ffn_in.gelu and layer.ffn_in.out_dtype == torch.float32
+        assert not torch.equal(layer.qkv.smooth, torch.ones(layer.qkv.in_features))  # calibrated at load
     else:
         assert recipe.startswith("SmoothQuant") and isinstance(layer.qkv, SmoothedInt8Linear)
 
