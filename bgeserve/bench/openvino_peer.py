@@ -2,9 +2,9 @@
 
 Imported only under the interpreter that `scripts/openvino_venv.sh` makes (optimum-intel pins transformers
 below bgeserve's dev pin). The checkpoint is exported once with `from_pretrained(path, export=True)` and
-cached; bge-m3's dense vector is CLS pooling + L2 normalisation over length-sorted batches, as in the
-transformers peer. int8 is NNCF's full quantisation of weights and activations (OVQuantizer with
-OVQuantizationConfig), calibrated on texts of the bundled corpus.
+cached; dense vectors are pooled as the checkpoint says (bge-m3: CLS) and L2-normalised, over
+length-sorted batches, as in the transformers peer. int8 is NNCF's full quantisation of weights and
+activations (OVQuantizer with OVQuantizationConfig), calibrated on texts of the bundled corpus.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from bgeserve.bench.configs import BenchConfig
-from bgeserve.bench.runners import ConfigUnavailable, RunSettings, cls_normalized, export_folder, sorted_batches
+from bgeserve.bench.runners import ConfigUnavailable, RunSettings, export_folder, pooled_normalized, sorted_batches
 from bgeserve.cache_files import build_then_rename
+from bgeserve.models.checkpoint import model_pooling
 
 # OpenVINO's CPU plugin runs bf16 by default where the CPU has AMX or AVX512-BF16, so fp32 is asked for
 # explicitly. int8 keeps its non-quantised ops in f32 too, so the row measures int8 and nothing else.
@@ -36,6 +37,7 @@ class OpenVinoEncoder:
         self.tokenizer = tokenizer
         self.settings = settings
         self.notes = notes
+        self.pooling = model_pooling(Path(settings.model_path))
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         limit = self.settings.max_length
@@ -44,7 +46,8 @@ class OpenVinoEncoder:
         for batch in sorted_batches([len(x) for x in ids], self.settings.batch_size):
             inputs = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=limit,
                                     return_tensors="np")
-            out[batch] = cls_normalized(self.model(**inputs).last_hidden_state)
+            hidden = np.asarray(self.model(**inputs).last_hidden_state)
+            out[batch] = pooled_normalized(hidden, inputs["attention_mask"], self.pooling)
         return out
 
 

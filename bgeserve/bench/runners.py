@@ -1,7 +1,8 @@
 """Loads one benchmark row's model and returns its `encode(texts) -> dense` function.
 
 bgeserve's rows go through `Embedder`; the peers are written the way their users write them
-(FlagEmbedding's BGEM3FlagModel; transformers AutoModel with CLS pooling over length-sorted batches;
+(FlagEmbedding's BGEM3FlagModel; transformers AutoModel over length-sorted batches, pooled as the
+checkpoint's sentence-transformers config says (CLS for bge-m3, the mean for all-MiniLM-L6-v2);
 onnxruntime on a plain `torch.onnx.export` of that AutoModel; bge-m3-lite on that same export;
 optimum-intel's OVModelForFeatureExtraction on its own export), so a ratio in the table compares bgeserve
 against what people run today.
@@ -22,6 +23,7 @@ import numpy as np
 from bgeserve.bench.configs import BenchConfig
 from bgeserve.bench.measure import EncodeFn
 from bgeserve.cache_files import build_then_rename, remove_other_keys, stamp_key
+from bgeserve.models.checkpoint import model_pooling
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +122,16 @@ def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def cls_normalized(hidden: np.ndarray) -> np.ndarray:
-    """bge-m3's dense vector from a batch's last hidden states: the CLS token's, L2-normalised."""
-    cls = hidden[:, 0].astype(np.float32)
-    return cls / np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-12)
+def pooled_normalized(hidden: np.ndarray, mask: np.ndarray, pooling: str) -> np.ndarray:
+    """Dense vectors from a padded batch's last hidden states [batch, seq, hidden] and its attention mask,
+    pooled as the model is (`models.checkpoint.model_pooling`: "cls", bge-m3's, or "mean" over the real
+    tokens, all-MiniLM-L6-v2's), L2-normalised: what a user of the peer writes for that model."""
+    if pooling == "mean":
+        weights = np.asarray(mask, dtype=np.float32)[..., None]
+        vectors = (hidden.astype(np.float32) * weights).sum(1) / np.maximum(weights.sum(1), 1.0)
+    else:
+        vectors = hidden[:, 0].astype(np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def _transformers(config: BenchConfig, settings: RunSettings, threads: int) -> EncodeFn:
@@ -137,6 +145,7 @@ def _transformers(config: BenchConfig, settings: RunSettings, threads: int) -> E
     model.eval()
     if config.dtype == "int8":
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    pooling = model_pooling(Path(settings.model_path))
 
     def precision() -> contextlib.AbstractContextManager:
         if config.dtype == "bf16":
@@ -152,7 +161,7 @@ def _transformers(config: BenchConfig, settings: RunSettings, threads: int) -> E
                                max_length=settings.max_length, return_tensors="pt")
             with torch.inference_mode(), precision():
                 hidden = model(**inputs).last_hidden_state
-            out[batch] = cls_normalized(hidden.float().numpy())
+            out[batch] = pooled_normalized(hidden.float().numpy(), inputs["attention_mask"].numpy(), pooling)
         return out
 
     return encode
@@ -177,6 +186,7 @@ def _onnxruntime(config: BenchConfig, settings: RunSettings, threads: int) -> En
     input_names = {i.name for i in session.get_inputs()}
     tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
     hidden_size = session.get_outputs()[0].shape[-1]
+    pooling = model_pooling(Path(settings.model_path))
 
     def encode(texts: list[str]) -> np.ndarray:
         ids = tokenizer(texts, truncation=True, max_length=settings.max_length)["input_ids"]
@@ -187,7 +197,7 @@ def _onnxruntime(config: BenchConfig, settings: RunSettings, threads: int) -> En
                                max_length=settings.max_length, return_tensors="np")
             feed = {k: v.astype(np.int64) for k, v in inputs.items() if k in input_names}
             (hidden,) = session.run(["last_hidden_state"], feed)
-            out[batch] = cls_normalized(hidden)
+            out[batch] = pooled_normalized(hidden, inputs["attention_mask"], pooling)
         return out
 
     return encode

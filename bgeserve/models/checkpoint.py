@@ -122,7 +122,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise InvalidCheckpoint(f"cannot read {path}: {exc}") from exc
 
 
-def _pooling(path: Path) -> str:
+def model_pooling(path: Path) -> str:
     """sentence-transformers' pooling config decides CLS or mean (CLS when absent, as for bge models).
 
     Normalisation is not read from modules.json: every route and `Embedder` normalise dense vectors by
@@ -160,7 +160,7 @@ def load_checkpoint(model: str | None = None) -> Checkpoint:
     if weights is None:
         raise InvalidCheckpoint(f"{path} has neither model.safetensors nor pytorch_model.bin")
     tokenizer = TextTokenizer.from_dir(path)
-    pooling = _pooling(path)
+    pooling = model_pooling(path)
     max_length = config.max_tokens
     st_cfg = _read_json(path / "sentence_bert_config.json") or {}
     if st_cfg.get("max_seq_length"):

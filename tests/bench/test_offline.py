@@ -14,7 +14,7 @@ from bgeserve.bench.job import JobOutcome
 from bgeserve.bench.measure import Measurement, MeasureOptions
 from bgeserve.bench.offline import Corpus, OfflinePlan, build_corpus, fidelity, spread
 from bgeserve.bench.report import offline_table, ratio_table
-from bgeserve.bench.runners import RunSettings
+from bgeserve.bench.runners import RunSettings, pooled_normalized
 from bgeserve.cli import main
 from bgeserve.models.config import EncoderConfig
 from bgeserve.runtime.cpu_info import cpu_flags, speed_flags
@@ -237,6 +237,28 @@ def test_onnx_peers_run_on_the_plain_export(wide_m3, corpus_file, capsys, tmp_pa
     assert {p.relative_to(p.parents[1]).as_posix() for p in exports} == {
         "fp32/model.onnx", "fp32/model.token-embeddings.onnx", "int8/model.onnx", "int8/model.token-embeddings.onnx"
     }
+
+
+def test_peers_pool_as_the_checkpoint_does(minilm_path, corpus_file, capsys, tmp_path):
+    """all-MiniLM-L6-v2 is mean-pooled (its 1_Pooling config): the transformers and onnxruntime peers read
+    that too, so their fp32 vectors are ours, and their int8 rows' fidelity is that of real weights."""
+    pytest.importorskip("onnxruntime")
+    code, out, _, doc = _bench_json(capsys, tmp_path, minilm_path, corpus_file, "--inline", "--configs", "cpu-fp32",
+                                    "--compare", "transformers-fp32,onnxruntime-fp32",
+                                    "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0, out
+    rows = {r["config"]: r for r in doc["rows"]}
+    for peer in ("transformers-fp32", "onnxruntime-fp32"):
+        assert rows[peer]["status"] == "ok", rows[peer]
+        assert rows[peer]["fidelity"]["min_cosine"] >= 0.9999, rows[peer]["fidelity"]
+
+
+def test_mean_pooling_leaves_padding_out():
+    hidden = np.array([[[1.0, 0.0], [3.0, 4.0], [100.0, 100.0]], [[0.0, 2.0], [0.0, 2.0], [0.0, 2.0]]])
+    mask = np.array([[1, 1, 0], [1, 1, 1]])
+    # Row 0: the mean of its two real tokens, [2, 2]; the padded [100, 100] is left out.
+    np.testing.assert_allclose(pooled_normalized(hidden, mask, "mean"), [[0.5**0.5, 0.5**0.5], [0.0, 1.0]])
+    np.testing.assert_allclose(pooled_normalized(hidden, mask, "cls"), [[1.0, 0.0], [0.0, 1.0]])
 
 
 def test_bgelite_takes_only_bge_m3_width(tiny_m3, corpus_file, capsys, tmp_path):
