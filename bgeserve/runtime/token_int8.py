@@ -137,7 +137,8 @@ def _same_results(kernels: Int8Kernels, eager: Int8Kernels) -> bool:
     constants (channel factors, column sums, bias) as plain tensors made at load, the activations and
     products as inference tensors (requests run under inference_mode; Dynamo guards on the difference)."""
     gen = torch.Generator().manual_seed(0)
-    smooth, col_sums, bias = torch.rand(32, generator=gen) + 0.5, torch.randn(1, 8, generator=gen), torch.randn(8)
+    smooth, col_sums = torch.rand(32, generator=gen) + 0.5, torch.randn(1, 8, generator=gen)
+    bias = torch.randn(8, generator=gen)
     for rows, in_dtype in ((1, torch.float32), (3, torch.float32), (1, torch.bfloat16), (3, torch.bfloat16)):
         with torch.inference_mode():
             x, product = torch.randn(rows, 32, generator=gen).to(in_dtype), torch.randn(rows, 8, generator=gen) * 1e3
@@ -159,7 +160,7 @@ class TokenInt8Linear(nn.Module):
 
     Built from the codes (`from_linear` quantises an nn.Linear); `out_dtype` is what the layer after it
     reads (the residual stream's fp32, or the attention's compute dtype); `smooth` multiplies each input
-    channel before quantisation (1 / SmoothQuant's s, whose s the codes already carry)."""
+    channel before quantisation (1 / t, the SmoothQuant factor the codes already carry)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  kernels: Int8Kernels, out_dtype: torch.dtype = torch.float32, gelu: bool = False,
