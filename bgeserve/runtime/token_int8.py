@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 
 CODES = 255  # u8 activation levels above the row minimum
 
+# The load's warm-up compiles on inputs of this size: Inductor sizes its loops by the first inputs it sees
+# (dynamic shapes keep their hints), and on a few rows it writes single-threaded kernels that then serve
+# every batch. 64 rows of 256 is over its threshold for splitting the rows among threads.
+WARM_UP_ROWS = 64
+WARM_UP_FEATURES = 256
+
 # What each projection hands on: Q, K and V to attention (bf16 where the CPU has it natively), the rest
 # to the fp32 residual stream; ffn_in in fp32 too: a bf16 output there was no faster, nor closer to fp32.
 _ATTENTION_INPUTS = frozenset({"qkv"})
@@ -131,27 +137,37 @@ class Int8Kernels:
 
 
 def _same_results(kernels: Int8Kernels, eager: Int8Kernels) -> bool:
-    """`kernels` against `eager` on small inputs of every variant a layer runs: the same codes, and the
+    """`kernels` against `eager` on inputs of every variant a layer runs: the same codes, and the
     epilogues within fp32 rounding (a fused multiply-add rounds once where the eager passes round twice).
     Tensors are made as a layer's are, so the graphs compiled here are the ones requests hit: its
     constants (channel factors, column sums, bias) as plain tensors made at load, the activations and
     products as inference tensors (requests run under inference_mode; Dynamo guards on the difference)."""
     gen = torch.Generator().manual_seed(0)
-    smooth, col_sums = torch.rand(32, generator=gen) + 0.5, torch.randn(1, 8, generator=gen)
-    bias = torch.randn(8, generator=gen)
-    for rows, in_dtype in ((1, torch.float32), (3, torch.float32), (1, torch.bfloat16), (3, torch.bfloat16)):
-        with torch.inference_mode():
-            x, product = torch.randn(rows, 32, generator=gen).to(in_dtype), torch.randn(rows, 8, generator=gen) * 1e3
-            got, want = kernels.quantize(x, smooth), eager.quantize(x, smooth)
-            if not all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
+    smooth, col_sums = torch.rand(WARM_UP_FEATURES, generator=gen) + 0.5, torch.randn(1, WARM_UP_FEATURES, generator=gen)
+    bias = torch.randn(WARM_UP_FEATURES, generator=gen)
+    for rows in (1, WARM_UP_ROWS):
+        for in_dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(rows, WARM_UP_FEATURES, generator=gen).to(in_dtype)
+            product = torch.randn(rows, WARM_UP_FEATURES, generator=gen) * 1e3
+            if not _same_variant(kernels, eager, x, product, smooth, col_sums, bias):
                 return False
-            _, scale, zero = want
-            epilogues = ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu))
-            for fast, slow in epilogues:
-                for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):  # bf16: one ulp apart
-                    y, y0 = (f(product, scale, zero, col_sums, bias, out_dtype) for f in (fast, slow))
-                    if y.dtype != out_dtype or not torch.allclose(y.float(), y0.float(), rtol=tol, atol=tol):
-                        return False
+    return True
+
+
+def _same_variant(kernels: Int8Kernels, eager: Int8Kernels, x: torch.Tensor, product: torch.Tensor,
+                  smooth: torch.Tensor, col_sums: torch.Tensor, bias: torch.Tensor) -> bool:
+    """One input variant of `_same_results`: `x` quantised, then both epilogues, fp32 and bf16 out."""
+    with torch.inference_mode():
+        x, product = x.clone(), product.clone()  # inference tensors, as a request's are
+        got, want = kernels.quantize(x, smooth), eager.quantize(x, smooth)
+        if not all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
+            return False
+        _, scale, zero = want
+        for fast, slow in ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu)):
+            for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):  # bf16: one ulp apart
+                y, y0 = (f(product, scale, zero, col_sums, bias, out_dtype) for f in (fast, slow))
+                if y.dtype != out_dtype or not torch.allclose(y.float(), y0.float(), rtol=tol, atol=tol):
+                    return False
     return True
 
 

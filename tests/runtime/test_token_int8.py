@@ -155,6 +155,27 @@ def test_compiled_kernels_equal_the_eager_ones():
                 torch.testing.assert_close(y, slow(product, want[1], want[2], col_sums, bias, out_dtype))
 
 
+def test_the_kernels_compiled_at_load_split_many_rows_among_threads():
+    """Inductor sizes a dynamic graph's loops by the inputs it is first compiled on: on a few rows it
+    writes single-threaded kernels, and those then serve every batch."""
+    from torch._inductor.utils import run_and_get_code
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch._dynamo.reset()  # compile here, not from this process's earlier graphs or the disk cache
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            kernels, sources = run_and_get_code(Int8Kernels.build)
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    if not kernels.compiled:
+        pytest.skip("torch.compile is not usable here (no C++ compiler): the eager kernels run")
+    parallel = [source for source in sources if "#pragma omp parallel" in source]
+    # Several rows, fp32 or bf16: the quantisation in, each epilogue out.
+    assert len(parallel) >= 6, f"{len(parallel)} of {len(sources)} compiled graphs use more than one thread"
+
+
 def test_requests_run_the_graphs_compiled_at_load():
     """A layer made at load and called under inference_mode, as requests call it, in every variant
     (one row and several, fp32 or bf16 in and out, GELU), finds a graph compiled by `build`: no request
