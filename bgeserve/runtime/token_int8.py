@@ -37,11 +37,12 @@ log = logging.getLogger(__name__)
 
 CODES = 255  # u8 activation levels above the row minimum
 
-# The load's warm-up compiles on inputs of this size: Inductor sizes its loops by the first inputs it sees
-# (dynamic shapes keep their hints), and on a few rows it writes single-threaded kernels that then serve
-# every batch. 64 rows of 256 is over its threshold for splitting the rows among threads.
-WARM_UP_ROWS = 64
-WARM_UP_FEATURES = 256
+# The load's warm-up compiles on inputs of this size: Inductor sizes a dynamic graph's loops by the first
+# inputs it sees, and splits a loop among threads only where each gets 512 elements or more
+# (`cpp.min_chunk_size`); on a few rows it writes single-threaded kernels that then serve every batch.
+# 512 x 1024 = 2^19 elements covers up to 1,024 threads.
+WARM_UP_ROWS = 512
+WARM_UP_FEATURES = 1024
 
 # What each projection hands on: Q, K and V to attention (bf16 where the CPU has it natively), the rest
 # to the fp32 residual stream; ffn_in in fp32 too: a bf16 output there was no faster, nor closer to fp32.
@@ -143,8 +144,8 @@ def _same_results(kernels: Int8Kernels, eager: Int8Kernels) -> bool:
     constants (channel factors, column sums, bias) as plain tensors made at load, the activations and
     products as inference tensors (requests run under inference_mode; Dynamo guards on the difference)."""
     gen = torch.Generator().manual_seed(0)
-    smooth, col_sums = torch.rand(WARM_UP_FEATURES, generator=gen) + 0.5, torch.randn(1, WARM_UP_FEATURES, generator=gen)
-    bias = torch.randn(WARM_UP_FEATURES, generator=gen)
+    smooth = torch.rand(WARM_UP_FEATURES, generator=gen) + 0.5
+    col_sums, bias = torch.randn(1, WARM_UP_FEATURES, generator=gen), torch.randn(WARM_UP_FEATURES, generator=gen)
     for rows in (1, WARM_UP_ROWS):
         for in_dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, WARM_UP_FEATURES, generator=gen).to(in_dtype)

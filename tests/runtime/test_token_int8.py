@@ -5,12 +5,14 @@ the fp32 product of the same codes standing in for oneDNN's where this CPU's ker
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from torch._inductor import config as inductor_config
 
 from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.models.checkpoint import load_checkpoint
@@ -134,10 +136,18 @@ def test_the_probe_finds_this_cpus_exact_product():
     assert cpu_features.onednn_int8_exact()
 
 
+def _require_compiled(kernels: Int8Kernels) -> None:
+    """Skips where Inductor has no C++ compiler (the load then runs the eager kernels, as it should);
+    with one, a load that fell back to eager (its compiled results differed, or the compile failed) fails."""
+    if not kernels.compiled:
+        if not any(cxx and shutil.which(cxx) for cxx in inductor_config.cpp.cxx):
+            pytest.skip("no C++ compiler for torch.compile here: the eager kernels run")
+        pytest.fail("a C++ compiler is here, yet the load fell back to the eager kernels (see its log)")
+
+
 def test_compiled_kernels_equal_the_eager_ones():
     kernels = Int8Kernels.build()
-    if not kernels.compiled:
-        pytest.skip("torch.compile is not usable here (no C++ compiler): the eager kernels run")
+    _require_compiled(kernels)
     eager, gen = Int8Kernels.eager(), torch.Generator().manual_seed(4)
     pairs = ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu))
     cases = ((1, torch.float32, torch.float32), (37, torch.float32, torch.float32), (5, torch.bfloat16, torch.bfloat16))
@@ -155,22 +165,21 @@ def test_compiled_kernels_equal_the_eager_ones():
                 torch.testing.assert_close(y, slow(product, want[1], want[2], col_sums, bias, out_dtype))
 
 
-def test_the_kernels_compiled_at_load_split_many_rows_among_threads():
+@pytest.mark.parametrize("threads", [2, 48])
+def test_the_kernels_compiled_at_load_split_many_rows_among_threads(threads: int) -> None:
     """Inductor sizes a dynamic graph's loops by the inputs it is first compiled on: on a few rows it
-    writes single-threaded kernels, and those then serve every batch."""
+    writes single-threaded kernels, and those then serve every batch, on a laptop or a 48-thread server."""
     from torch._inductor.utils import run_and_get_code
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    # Compiled here, not read from the disk cache; at `threads`, whatever this machine or the environment
+    # (TORCHINDUCTOR_CPP_*) says.
+    settings = {"fx_graph_cache": False, "cpp.threads": threads, "cpp.dynamic_threads": False}
     try:
-        torch._dynamo.reset()  # compile here, not from this process's earlier graphs or the disk cache
-        with torch._inductor.config.patch(fx_graph_cache=False):
+        with inductor_config.patch(settings):
             kernels, sources = run_and_get_code(Int8Kernels.build)
     finally:
-        torch.set_num_threads(threads)
-        torch._dynamo.reset()
-    if not kernels.compiled:
-        pytest.skip("torch.compile is not usable here (no C++ compiler): the eager kernels run")
+        torch._dynamo.reset()  # later tests compile at this process's own thread count
+    _require_compiled(kernels)
     parallel = [source for source in sources if "#pragma omp parallel" in source]
     # Several rows, fp32 or bf16: the quantisation in, each epilogue out.
     assert len(parallel) >= 6, f"{len(parallel)} of {len(sources)} compiled graphs use more than one thread"
@@ -181,8 +190,7 @@ def test_requests_run_the_graphs_compiled_at_load():
     (one row and several, fp32 or bf16 in and out, GELU), finds a graph compiled by `build`: no request
     pays a compile."""
     kernels = Int8Kernels.build()
-    if not kernels.compiled:
-        pytest.skip("torch.compile is not usable here (no C++ compiler): the eager kernels run")
+    _require_compiled(kernels)
     gen = torch.Generator().manual_seed(7)
     linear = torch.nn.Linear(96, 40)
     layers = [TokenInt8Linear.from_linear(linear, kernels, out_dtype, gelu, input_max=torch.rand(96, generator=gen))
