@@ -27,7 +27,7 @@ serve: install
 	$(VENV)/bin/bgeserve serve
 
 test: dev
-	$(PY) -m pytest -q
+	$(PY) -X faulthandler -m pytest -q
 
 lint: dev
 	$(VENV)/bin/ruff check bgeserve tests scripts

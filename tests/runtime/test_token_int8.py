@@ -4,6 +4,7 @@ the fp32 product of the same codes standing in for oneDNN's where this CPU's ker
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -136,10 +137,10 @@ def test_the_probe_finds_this_cpus_exact_product():
     assert cpu_features.onednn_int8_exact()
 
 
-def _require_compiled(kernels: Int8Kernels) -> None:
+def _require_compiled(compiled: bool) -> None:
     """Skips where Inductor has no C++ compiler (the load then runs the eager kernels, as it should);
     with one, a load that fell back to eager (its compiled results differed, or the compile failed) fails."""
-    if not kernels.compiled:
+    if not compiled:
         if not any(cxx and shutil.which(cxx) for cxx in inductor_config.cpp.cxx):
             pytest.skip("no C++ compiler for torch.compile here: the eager kernels run")
         pytest.fail("a C++ compiler is here, yet the load fell back to the eager kernels (see its log)")
@@ -147,7 +148,7 @@ def _require_compiled(kernels: Int8Kernels) -> None:
 
 def test_compiled_kernels_equal_the_eager_ones():
     kernels = Int8Kernels.build()
-    _require_compiled(kernels)
+    _require_compiled(kernels.compiled)
     eager, gen = Int8Kernels.eager(), torch.Generator().manual_seed(4)
     pairs = ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu))
     cases = ((1, torch.float32, torch.float32), (37, torch.float32, torch.float32), (5, torch.bfloat16, torch.bfloat16))
@@ -165,24 +166,36 @@ def test_compiled_kernels_equal_the_eager_ones():
                 torch.testing.assert_close(y, slow(product, want[1], want[2], col_sums, bias, out_dtype))
 
 
+# Run in a child process: it pins Inductor's thread count, which a later compile in this process must not
+# inherit, and dropping the compiled graphs afterwards (`torch._dynamo.reset`) while other tests' compiled
+# functions are alive is not something the suite's own process should do. The child's exit status counts.
+_THREADED_BUILD = """
+import json, sys
+from torch._inductor import config
+from torch._inductor.utils import run_and_get_code
+from bgeserve.runtime.token_int8 import Int8Kernels
+settings = {"fx_graph_cache": False, "cpp.threads": int(sys.argv[1]), "cpp.dynamic_threads": False}
+with config.patch(settings):
+    kernels, sources = run_and_get_code(Int8Kernels.build)
+parallel = sum("#pragma omp parallel" in source for source in sources)
+print(json.dumps({"compiled": kernels.compiled, "parallel": parallel, "graphs": len(sources)}))
+"""
+
+
 @pytest.mark.parametrize("threads", [2, 48])
 def test_the_kernels_compiled_at_load_split_many_rows_among_threads(threads: int) -> None:
     """Inductor sizes a dynamic graph's loops by the inputs it is first compiled on: on a few rows it
     writes single-threaded kernels, and those then serve every batch, on a laptop or a 48-thread server."""
-    from torch._inductor.utils import run_and_get_code
-
-    # Compiled here, not read from the disk cache; at `threads`, whatever this machine or the environment
-    # (TORCHINDUCTOR_CPP_*) says.
-    settings = {"fx_graph_cache": False, "cpp.threads": threads, "cpp.dynamic_threads": False}
-    try:
-        with inductor_config.patch(settings):
-            kernels, sources = run_and_get_code(Int8Kernels.build)
-    finally:
-        torch._dynamo.reset()  # later tests compile at this process's own thread count
-    _require_compiled(kernels)
-    parallel = [source for source in sources if "#pragma omp parallel" in source]
+    # Compiled in the child, not read from the disk cache; at `threads`, whatever this machine or the
+    # environment (TORCHINDUCTOR_CPP_*) says.
+    child = subprocess.run([sys.executable, "-c", _THREADED_BUILD, str(threads)],
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-2000:]}"
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    _require_compiled(result["compiled"])
     # Several rows, fp32 or bf16: the quantisation in, each epilogue out.
-    assert len(parallel) >= 6, f"{len(parallel)} of {len(sources)} compiled graphs use more than one thread"
+    parallel, graphs = result["parallel"], result["graphs"]
+    assert parallel >= 6, f"{parallel} of {graphs} compiled graphs use more than one thread"
 
 
 def test_requests_run_the_graphs_compiled_at_load():
@@ -190,7 +203,7 @@ def test_requests_run_the_graphs_compiled_at_load():
     (one row and several, fp32 or bf16 in and out, GELU), finds a graph compiled by `build`: no request
     pays a compile."""
     kernels = Int8Kernels.build()
-    _require_compiled(kernels)
+    _require_compiled(kernels.compiled)
     gen = torch.Generator().manual_seed(7)
     linear = torch.nn.Linear(96, 40)
     layers = [TokenInt8Linear.from_linear(linear, kernels, out_dtype, gelu, input_max=torch.rand(96, generator=gen))
