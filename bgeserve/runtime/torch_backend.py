@@ -73,7 +73,7 @@ class TorchBackend(PackedBackend):
         """Per-token u8 x s8 products on oneDNN where the CPU makes them exact (VNNI, AMX), else the
         smoothed per-tensor kernel torch has everywhere (and `compile` traces). Returns which, for the log."""
         if self.device == "cpu" and not compile and exact_int8_products():
-            kernels = Int8Kernels.build()
+            kernels = Int8Kernels.build(self.checkpoint.config.layer_norm_eps)
             attention = "bf16" if cpu_has_native_bf16() else "fp32"
             maxima = input_maxima(model, self._calibration_batches())
             quantize_encoder_token_int8(model.encoder, kernels, DTYPES[attention], self.checkpoint.config.hidden_act,

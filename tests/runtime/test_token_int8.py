@@ -4,11 +4,13 @@ the fp32 product of the same codes standing in for oneDNN's where this CPU's ker
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -18,11 +20,14 @@ from torch._inductor import config as inductor_config
 from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
+from bgeserve.models.encoder import PROJECTIONS
+from bgeserve.models.packed import PackedBatch, packed_attention
 from bgeserve.runtime import cpu_features, torch_backend
 from bgeserve.runtime.cpu_info import cpu_flags
 from bgeserve.runtime.int8 import SmoothedInt8Linear
 from bgeserve.runtime.token_int8 import (
     Int8Kernels,
+    TokenInt8EncoderLayer,
     TokenInt8Linear,
     onednn_int8_available,
     onednn_int8_product,
@@ -164,6 +169,21 @@ def test_compiled_kernels_equal_the_eager_ones():
                 y = fast(product, want[1], want[2], col_sums, bias, out_dtype)
                 assert y.dtype == out_dtype
                 torch.testing.assert_close(y, slow(product, want[1], want[2], col_sums, bias, out_dtype))
+            # The epilogues that carry on through the residual add and LayerNorm (and the next quantisation).
+            residual, norm = torch.randn(rows, 40, generator=gen), (torch.rand(40, generator=gen) + 0.5,
+                                                                   torch.randn(40, generator=gen), 1e-5)
+            terms = (product, want[1], want[2], col_sums, bias, residual, *norm)
+            torch.testing.assert_close(kernels.dequantize_norm(*terms), eager.dequantize_norm(*terms),
+                                       rtol=1e-4, atol=1e-4)
+            next_smooth = torch.rand(40, generator=gen) + 0.5
+            fast_out = kernels.dequantize_norm_quantize(*terms, next_smooth)
+            slow_out = eager.dequantize_norm_quantize(*terms, next_smooth)
+            torch.testing.assert_close(fast_out[0], slow_out[0], rtol=1e-4, atol=1e-4)
+            # Codes of values a last bit apart may sit one level apart; the rest is the same quantisation.
+            assert fast_out[1].dtype == torch.uint8
+            assert (fast_out[1].int() - slow_out[1].int()).abs().max() <= 1
+            assert (fast_out[3] - slow_out[3]).abs().max() <= 1
+            torch.testing.assert_close(fast_out[2], slow_out[2], rtol=1e-4, atol=0)
 
 
 # Run in a child process: it pins Inductor's thread count, which a later compile in this process must not
@@ -193,9 +213,9 @@ def test_the_kernels_compiled_at_load_split_many_rows_among_threads(threads: int
     assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-2000:]}"
     result = json.loads(child.stdout.strip().splitlines()[-1])
     _require_compiled(result["compiled"])
-    # Several rows, fp32 or bf16: the quantisation in, each epilogue out.
+    # Several rows, fp32 or bf16: the quantisation in, each epilogue out, and the two through a LayerNorm.
     parallel, graphs = result["parallel"], result["graphs"]
-    assert parallel >= 6, f"{parallel} of {graphs} compiled graphs use more than one thread"
+    assert parallel >= 8, f"{parallel} of {graphs} compiled graphs use more than one thread"
 
 
 def test_requests_run_the_graphs_compiled_at_load():
@@ -214,6 +234,74 @@ def test_requests_run_the_graphs_compiled_at_load():
                 assert layer(torch.randn(rows, 96, generator=gen).to(in_dtype)).shape == (rows, 40)
 
 
+def _int8_layer(checkpoint, kernels: Int8Kernels, attention: torch.dtype, activation: str = "gelu",
+                smoothed: bool = True):
+    """The first encoder layer of `checkpoint` as a TokenInt8EncoderLayer (`smoothed`: each projection by
+    channel maxima of its own, made up), and the fp32 layer it was made from."""
+    model = EmbeddingModel(load_checkpoint(str(checkpoint)))
+    fp32 = copy.deepcopy(model.encoder.layers[0])
+    gen = torch.Generator().manual_seed(10)
+    maxima = {f"{i}.{name}": torch.rand(getattr(layer, name).in_features, generator=gen) * 4 + 0.1
+              for i, layer in enumerate(model.encoder.layers) for name in PROJECTIONS}
+    quantize_encoder_token_int8(model.encoder, kernels, attention, activation, maxima if smoothed else None)
+    return model.encoder.layers[0], fp32
+
+
+def _packed_input(rows_per_text: list[int], width: int, seed: int):
+    """Hidden states of texts of these lengths, packed, and the attention over them."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = PackedBatch.from_sequences([[5] * n for n in rows_per_text])
+    return torch.randn(sum(rows_per_text), width, generator=gen), partial(packed_attention, batch=batch), batch
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new"])
+def test_the_fused_layer_computes_its_projections_and_norms_one_after_another(m3_checkpoint, activation):
+    """Eagerly, the fused passes are the same arithmetic in the same order as the block's own steps (each
+    projection's quantisation, product and epilogue, the residual adds and LayerNorms): the same bits."""
+    layer, _ = _int8_layer(m3_checkpoint, Int8Kernels.reference_products(), torch.float32, activation)
+    hidden, attend, batch = _packed_input([7, 3, 12], layer.qkv.in_features, seed=8)
+
+    def step_by_step(rows: torch.Tensor | None) -> torch.Tensor:
+        ctx, h = attend(layer.qkv(hidden).view(-1, 3, layer.num_heads, layer.head_dim)), hidden
+        if rows is not None:
+            ctx, h = ctx[rows], h[rows]
+        h = layer.attn_norm(layer.attn_out(ctx) + h)
+        inner = layer.ffn_in(h) if layer.ffn_in.gelu else layer.act(layer.ffn_in(h))
+        return layer.ffn_norm(layer.ffn_out(inner) + h)
+
+    with torch.inference_mode():
+        for rows in (None, batch.starts):
+            assert torch.equal(layer.forward_packed(hidden, attend, rows), step_by_step(rows))
+
+
+def test_the_fused_layer_stays_close_to_the_fp32_layer(m3_checkpoint):
+    """The int8 layer against the fp32 block it replaced, packed and padded: a misplaced residual, norm or
+    activation would be far off; int8's own error is not."""
+    layer, fp32 = _int8_layer(m3_checkpoint, Int8Kernels.reference_products(), torch.float32, smoothed=False)
+    hidden, attend, batch = _packed_input([9, 4, 16], layer.qkv.in_features, seed=9)
+    with torch.inference_mode():
+        got, want = layer.forward_packed(hidden, attend), fp32.forward_packed(hidden, attend)
+        assert torch.nn.functional.cosine_similarity(got, want, dim=1).min() > 0.995
+        padded, mask = batch.pad(hidden, 0.0), batch.mask().to(torch.bool)[:, None, None, :]
+        got_padded = layer(padded, mask)[batch.segment, batch.offset]
+        assert torch.nn.functional.cosine_similarity(got_padded, want, dim=1).min() > 0.995
+
+
+@pytest.mark.parametrize("attention", [torch.float32, torch.bfloat16])
+def test_requests_through_a_layer_run_the_graphs_compiled_at_load(m3_checkpoint, attention):
+    """A whole int8 layer, as a request runs it (one text of one row, several texts, the last layer's CLS
+    rows), with the kernels built for the checkpoint's LayerNorm eps: no pass compiles anew."""
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    kernels = Int8Kernels.build(ckpt.config.layer_norm_eps)
+    _require_compiled(kernels.compiled)
+    layer, _ = _int8_layer(m3_checkpoint, kernels, attention)
+    with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
+        for seed, lengths in enumerate(([1], [6], [5, 9, 2])):
+            hidden, attend, batch = _packed_input(lengths, layer.qkv.in_features, seed)
+            assert layer.forward_packed(hidden, attend).shape == hidden.shape
+            assert layer.forward_packed(hidden, attend, batch.starts).shape == (len(lengths), hidden.shape[1])
+
+
 def test_an_activation_other_than_gelu_runs_after_the_product(m3_checkpoint):
     model = EmbeddingModel(load_checkpoint(str(m3_checkpoint)))
     act = model.encoder.layers[0].act
@@ -225,7 +313,7 @@ def test_an_activation_other_than_gelu_runs_after_the_product(m3_checkpoint):
 @pytest.fixture()
 def eager_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """No compile at load: these tests look at the recipe chosen, not its speed."""
-    monkeypatch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls: cls.eager()))
+    monkeypatch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls, *_: cls.eager()))
 
 
 def test_the_recipe_follows_the_cpu_class(m3_checkpoint, cpu_class, eager_kernels):
@@ -234,6 +322,7 @@ def test_the_recipe_follows_the_cpu_class(m3_checkpoint, cpu_class, eager_kernel
     if cpu_class.int8_weights == "s8":  # VNNI or AMX
         attention = "bf16" if cpu_class.auto_dtype == "bf16" else "fp32"
         assert recipe.startswith("per-token u8 x s8 on oneDNN") and f"{attention} attention" in recipe
+        assert isinstance(layer, TokenInt8EncoderLayer)
         assert all(isinstance(getattr(layer, name), TokenInt8Linear) for name in ("qkv", "attn_out", "ffn_in"))
         assert layer.qkv.out_dtype == (torch.bfloat16 if attention == "bf16" else torch.float32)
         assert layer.ffn_in.gelu and layer.ffn_in.out_dtype == torch.float32
@@ -254,7 +343,7 @@ def test_cls_rows_of_the_last_layer_give_the_full_pass_vectors(m3_checkpoint, mo
     so its vector is the one of the pass over every row (here with the reference products, on any CPU)."""
     monkeypatch.setattr(torch_backend, "exact_int8_products", lambda: True)
     monkeypatch.setattr(torch_backend, "cpu_has_native_bf16", lambda: False)  # fp32 attention on any CPU
-    monkeypatch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls: cls.reference_products()))
+    monkeypatch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls, *_: cls.reference_products()))
     ckpt = load_checkpoint(str(m3_checkpoint))
     backend = TorchBackend(ckpt, options=BackendOptions(dtype="int8"))
     ids = ckpt.tokenizer.encode(["a short one", "a somewhat longer text about int8 products", "x"], max_length=64).ids

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,7 +19,7 @@ from bgeserve.runtime import cpu_features, torch_backend
 from bgeserve.runtime.cpu_features import cpu_has_native_bf16, int8_product_rate, matmul_rate
 from bgeserve.runtime.devices import INT8_NOTE_MIN_SPEEDUP, auto_dtype, choose_cpu_dtype, int8_note, resolve_dtype
 from bgeserve.runtime.int8 import input_maxima
-from bgeserve.runtime.token_int8 import Int8Kernels, TokenInt8Linear, quantize_rows
+from bgeserve.runtime.token_int8 import Int8Kernels, TokenInt8Linear
 from bgeserve.runtime.torch_backend import TorchBackend
 
 CORPUS = sample_texts()
@@ -61,7 +60,7 @@ def int8_recipe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     per_token = request.param.startswith("per-token")
     monkeypatch.setattr(torch_backend, "exact_int8_products", lambda: per_token)
     monkeypatch.setattr(torch_backend, "cpu_has_native_bf16", lambda: "bf16" in request.param)
-    monkeypatch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls: cls.reference_products()))
+    monkeypatch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls, *_: cls.reference_products()))
     return request.param
 
 
@@ -82,13 +81,12 @@ def test_int8_keeps_neighbours_on_real_minilm(minilm_corpus, int8_recipe):
 
 @pytest.mark.skipif(not cpu_features.exact_int8_products(), reason="oneDNN's u8 x s8 saturates on this CPU (no VNNI)")
 def test_int8_products_are_the_reference_arithmetic_here(minilm_corpus, monkeypatch):
-    """Where the per-token recipe runs for real, every projection of a pass over real text gives, on
-    oneDNN's products, the float64 arithmetic of its codes. (Whole outputs are no check: quantisation
-    turns a last-bit difference in one product into a different code downstream, so two exact kernels
-    that round differently give vectors ~0.997 apart; cos to fp32 is the test above.) The passes around
-    the products run eagerly here; the compiled ones are checked against them in test_token_int8."""
-    monkeypatch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls: cls.eager()))
-    monkeypatch.setattr(torch_backend, "cpu_has_native_bf16", lambda: False)  # fp32 out of every product
+    """Where the per-token recipe runs for real, every product of a pass over real text gives, on oneDNN's
+    kernels, the float64 arithmetic of its codes. (Whole outputs are no check: quantisation turns a
+    last-bit difference in one product into a different code downstream, so two exact kernels that round
+    differently give vectors ~0.997 apart; cos to fp32 is the test above.) The passes around the products
+    are checked in test_token_int8: eager against float64, compiled against eager."""
+    monkeypatch.setattr(torch_backend.Int8Kernels, "build", classmethod(lambda cls, *_: cls.eager()))
     ckpt, ids, _ = minilm_corpus
     backend = TorchBackend(ckpt, options=BackendOptions(dtype="int8"))
     assert (backend.int8_recipe or "").startswith("per-token")
@@ -102,23 +100,26 @@ def test_int8_products_are_the_reference_arithmetic_here(minilm_corpus, monkeypa
                                                input_max=maxima[f"{i}.{name}"])
             real = getattr(layer, name)
             assert torch.equal(twin.scales, real.scales) and torch.equal(twin.smooth, real.smooth)
-            codes_of[id(real)] = twin.codes.double()
+            codes_of[id(real)] = twin.codes.double() * twin.scales.double()[:, None]
     seen: list[tuple[TokenInt8Linear, torch.Tensor, torch.Tensor]] = []
-    layers = [m for m in backend.model.modules() if isinstance(m, TokenInt8Linear)]
-    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out))) for m in layers]
+    product = TokenInt8Linear.product
+
+    def recorded(module: TokenInt8Linear, codes: torch.Tensor) -> torch.Tensor:
+        out = product(module, codes)
+        seen.append((module, codes, out))
+        return out
+
+    monkeypatch.setattr(TokenInt8Linear, "product", recorded)
     _dense(backend, ids[:24])
-    for hook in hooks:
-        hook.remove()
+    layers = [m for m in backend.model.modules() if isinstance(m, TokenInt8Linear)]
     assert {id(m) for m, _, _ in seen} == {id(m) for m in layers} == set(codes_of)
-    for layer, x, out in seen:
-        codes = codes_of[id(layer)]
-        q, a, z = (t.double() for t in quantize_rows(x.reshape(-1, layer.in_features), layer.smooth))
-        want = a * ((q - z) @ (codes * layer.scales.double()[:, None]).T) + layer.bias.double()
-        want = F.gelu(want) if layer.gelu else want
-        # fp32 keeps ~7 digits of the terms before they cancel: a (|q w| + |z w|), the largest of them.
-        weight = (codes * layer.scales.double()[:, None]).abs()
-        bound = 1e-6 * (a * (q @ weight.T + z * weight.sum(1))).max().item()
-        assert (out.reshape(want.shape).double() - want).abs().max().item() <= bound
+    for layer, codes, out in seen:
+        assert codes.dtype == torch.uint8
+        weight = codes_of[id(layer)]
+        want = codes.double() @ weight.T
+        # fp32 keeps ~7 digits of the sum of |terms|, the most that rounding can move.
+        bound = 1e-6 * (codes.double() @ weight.abs().T).max().item()
+        assert (out.double() - want).abs().max().item() <= bound
 
 
 def test_int8_keeps_top_sparse_tokens(m3_checkpoint, int8_recipe):
