@@ -26,12 +26,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bgeserve.models.config import EncoderConfig
 from bgeserve.models.encoder import PROJECTIONS, Attention, EncoderLayer, TransformerEncoder
 from bgeserve.runtime.int8 import smoothing_scales
 
@@ -39,12 +41,11 @@ log = logging.getLogger(__name__)
 
 CODES = 255  # u8 activation levels above the row minimum
 
-# The load's warm-up compiles on inputs of this size: Inductor sizes a dynamic graph's loops by the first
+# The load's warm-up compiles on this many rows: Inductor sizes a dynamic graph's loops by the first
 # inputs it sees, and splits a loop among threads only where each gets 512 elements or more
 # (`cpp.min_chunk_size`); on a few rows it writes single-threaded kernels that then serve every batch.
-# 512 x 1024 = 2^19 elements covers up to 1,024 threads.
+# 512 rows of bge-m3's 1,024 features (2^19 elements) cover up to 1,024 threads.
 WARM_UP_ROWS = 512
-WARM_UP_FEATURES = 1024
 
 # What each projection hands on: Q, K and V to attention (bf16 where the CPU has it natively), the rest
 # to the fp32 residual stream; ffn_in in fp32 too: a bf16 output there was no faster, nor closer to fp32.
@@ -112,6 +113,21 @@ def dequantize_norm_quantize(product: torch.Tensor, scale: torch.Tensor, zero: t
 
 
 @dataclass(frozen=True)
+class LayerShape:
+    """What the compiled passes are specialised on: a layer's row widths, its LayerNorms' eps and the dtype
+    Q, K and V go to attention in. Only the number of rows varies between requests."""
+
+    hidden: int = 1024
+    intermediate: int = 4096
+    norm_eps: float = 1e-5
+    attention_dtype: torch.dtype = torch.bfloat16
+
+    @classmethod
+    def of(cls, cfg: EncoderConfig, attention_dtype: torch.dtype) -> LayerShape:
+        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps, attention_dtype)
+
+
+@dataclass(frozen=True)
 class Int8Kernels:
     """The functions around each int8 product (compiled into one pass each, or the eager originals), and
     whether the product itself runs on oneDNN or, with `reference`, as the fp32 product of the same codes:
@@ -143,14 +159,14 @@ class Int8Kernels:
         return cls._of(lambda f: f, compiled=False, reference=True)
 
     @classmethod
-    def build(cls, norm_eps: float = 1e-5) -> Int8Kernels:
-        """Compiled where torch.compile works here (it needs a C++ compiler): every variant a request
-        runs (fp32 or bf16 in and out, GELU or not, one row or several, LayerNorms of `norm_eps`, the
-        model's: a graph is specialised on it) is compiled now and checked against the eager functions;
-        else the eager ones, with a log line saying so."""
+    def build(cls, shape: LayerShape | None = None) -> Int8Kernels:
+        """Compiled where torch.compile works here (it needs a C++ compiler): every variant a layer of
+        `shape` (default: bge-m3's) runs, on one row or several, is compiled now and checked against the
+        eager functions; else the eager ones, with a log line saying so."""
+        shape = shape or LayerShape()
         compiled = cls._of(lambda f: torch.compile(f, dynamic=True), compiled=True)
         try:
-            ok = _same_results(compiled, cls.eager(), norm_eps)
+            ok = _same_results(compiled, cls.eager(), shape)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             log.info("int8: torch.compile is not usable here (%s); the quantisation runs eagerly, slower",
                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -161,58 +177,69 @@ class Int8Kernels:
         return compiled
 
 
-def _same_results(kernels: Int8Kernels, eager: Int8Kernels, norm_eps: float) -> bool:
-    """`kernels` against `eager` on inputs of every variant a layer runs: the same codes, and the
-    epilogues within fp32 rounding (a fused multiply-add rounds once where the eager passes round twice).
-    Tensors are made as a layer's are, so the graphs compiled here are the ones requests hit: its
+def _static(tensor: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    """`tensor`, its `dims` (all by default) marked static for the compile it is first seen by."""
+    for dim in range(tensor.dim()) if dims is None else dims:
+        torch._dynamo.mark_static(tensor, dim)
+    return tensor
+
+
+def _same_results(kernels: Int8Kernels, eager: Int8Kernels, shape: LayerShape) -> bool:
+    """`kernels` against `eager` on inputs of every variant a layer of `shape` runs: the same codes, and
+    the epilogues within fp32 rounding (a fused multiply-add rounds once where the eager passes round
+    twice). Tensors are made as a layer's are, so the graphs compiled here are the ones requests hit: its
     constants (channel factors, column sums, bias, LayerNorm weights) as plain tensors made at load, the
     activations and products as inference tensors (requests run under inference_mode; Dynamo guards on
-    the difference)."""
+    the difference). Only the rows are dynamic: with the widths symbolic too, Inductor's LayerNorm ran at
+    a third of the speed."""
     gen = torch.Generator().manual_seed(0)
-    width = WARM_UP_FEATURES
-    smooth = torch.rand(width, generator=gen) + 0.5
-    col_sums, bias = torch.randn(1, width, generator=gen), torch.randn(width, generator=gen)
-    norm = (torch.rand(width, generator=gen) + 0.5, torch.randn(width, generator=gen), norm_eps)
+    h, f = shape.hidden, shape.intermediate
+
+    def const(*size: int) -> torch.Tensor:
+        return _static(torch.rand(*size, generator=gen) + 0.5)
+
+    smooth = {width: const(width) for width in (h, f)}
+    col_sums = {width: const(1, width) for width in (h, 3 * h, f)}
+    bias = {width: const(width) for width in (h, 3 * h, f)}
+    norm = (const(h), const(h), shape.norm_eps)
+
+    def activations(rows: int, width: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+        return _static((torch.randn(rows, width, generator=gen) * scale).to(dtype), dims=(1,))
+
     with torch.inference_mode():
         for rows in (1, WARM_UP_ROWS):
-            for in_dtype in (torch.float32, torch.bfloat16):
-                x = torch.randn(rows, width, generator=gen).to(in_dtype)
-                product = torch.randn(rows, width, generator=gen) * 1e3
-                if not _same_variant(kernels, eager, x, product, smooth, col_sums, bias):
+            rows_of = partial(activations, rows)
+            # In: the residual stream (Q, K, V's input), attention's context, the feed-forward's middle.
+            for x, width in ((rows_of(h), h), (rows_of(h, shape.attention_dtype), h), (rows_of(f), f)):
+                got, want = kernels.quantize(x, smooth[width]), eager.quantize(x, smooth[width])
+                if not all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
                     return False
-            residual = torch.randn(rows, width, generator=gen)
-            if not _same_fused(kernels, eager, product, residual, smooth, col_sums, bias, norm):
+            _, scale, zero = (_static(t, dims=(1,)) for t in want)
+            # Out: Q, K and V for attention; the first feed-forward product, with GELU or not.
+            epilogues = ((kernels.dequantize, eager.dequantize, 3 * h, shape.attention_dtype),
+                         (kernels.dequantize_gelu, eager.dequantize_gelu, f, torch.float32),
+                         (kernels.dequantize, eager.dequantize, f, torch.float32))
+            for fast, slow, width, out_dtype in epilogues:
+                terms = (rows_of(width, scale=1e3), scale, zero, col_sums[width], bias[width], out_dtype)
+                y, y0 = fast(*terms), slow(*terms)
+                tol = 1e-5 if out_dtype == torch.float32 else 1e-2  # bf16: one ulp apart
+                if y.dtype != out_dtype or not torch.allclose(y.float(), y0.float(), rtol=tol, atol=tol):
+                    return False
+            through_norm = (rows_of(h, scale=1e3), scale, zero, col_sums[h], bias[h], rows_of(h))
+            if not _same_fused(kernels, eager, through_norm, norm, smooth[h]):
                 return False
     return True
 
 
-def _same_variant(kernels: Int8Kernels, eager: Int8Kernels, x: torch.Tensor, product: torch.Tensor,
-                  smooth: torch.Tensor, col_sums: torch.Tensor, bias: torch.Tensor) -> bool:
-    """One input variant of `_same_results`: `x` quantised, then both epilogues, fp32 and bf16 out."""
-    got, want = kernels.quantize(x, smooth), eager.quantize(x, smooth)
-    if not all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
+def _same_fused(kernels: Int8Kernels, eager: Int8Kernels, terms: tuple[torch.Tensor, ...],
+                norm: tuple[torch.Tensor, torch.Tensor, float], smooth: torch.Tensor) -> bool:
+    """The epilogues through the residual add and LayerNorm (and the next quantisation), compiled against
+    eager. The quantised rows come from values that differ in the last bit, so a code may sit one level
+    away."""
+    normed = kernels.dequantize_norm(*terms, *norm)
+    if not torch.allclose(normed, eager.dequantize_norm(*terms, *norm), rtol=1e-4, atol=1e-4):
         return False
-    _, scale, zero = want
-    for fast, slow in ((kernels.dequantize, eager.dequantize), (kernels.dequantize_gelu, eager.dequantize_gelu)):
-        for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):  # bf16: one ulp apart
-            y, y0 = (f(product, scale, zero, col_sums, bias, out_dtype) for f in (fast, slow))
-            if y.dtype != out_dtype or not torch.allclose(y.float(), y0.float(), rtol=tol, atol=tol):
-                return False
-    return True
-
-
-def _same_fused(kernels: Int8Kernels, eager: Int8Kernels, product: torch.Tensor, residual: torch.Tensor,
-                smooth: torch.Tensor, col_sums: torch.Tensor, bias: torch.Tensor,
-                norm: tuple[torch.Tensor, torch.Tensor, float]) -> bool:
-    """The epilogues fused with a LayerNorm (and the next quantisation), compiled against eager. The
-    quantised rows come from values that differ in the last bit, so a code may sit one level away."""
-    _, scale, zero = eager.quantize(product, smooth)
-    terms = (product, scale, zero, col_sums, bias)
-    normed = kernels.dequantize_norm(*terms, residual, *norm)
-    if not torch.allclose(normed, eager.dequantize_norm(*terms, residual, *norm), rtol=1e-4, atol=1e-4):
-        return False
-    got, want = (f(*terms, residual, *norm, smooth) for f in (kernels.dequantize_norm_quantize,
-                                                              eager.dequantize_norm_quantize))
+    got, want = (f(*terms, *norm, smooth) for f in (kernels.dequantize_norm_quantize, eager.dequantize_norm_quantize))
     return torch.allclose(got[0], want[0], rtol=1e-4, atol=1e-4) and _codes_agree(got[1:], want[1:])
 
 

@@ -19,7 +19,7 @@ from bgeserve.runtime.cuda_graphs import GraphedForward
 from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
 from bgeserve.runtime.int8 import input_maxima, quantize_encoder_int8
 from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult, cls_rows_suffice
-from bgeserve.runtime.token_int8 import Int8Kernels, quantize_encoder_token_int8
+from bgeserve.runtime.token_int8 import Int8Kernels, LayerShape, quantize_encoder_token_int8
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ class TorchBackend(PackedBackend):
         """Per-token u8 x s8 products on oneDNN where the CPU makes them exact (VNNI, AMX), else the
         smoothed per-tensor kernel torch has everywhere (and `compile` traces). Returns which, for the log."""
         if self.device == "cpu" and not compile and exact_int8_products():
-            kernels = Int8Kernels.build(self.checkpoint.config.layer_norm_eps)
             attention = "bf16" if cpu_has_native_bf16() else "fp32"
+            kernels = Int8Kernels.build(LayerShape.of(self.checkpoint.config, DTYPES[attention]))
             maxima = input_maxima(model, self._calibration_batches())
             quantize_encoder_token_int8(model.encoder, kernels, DTYPES[attention], self.checkpoint.config.hidden_act,
                                         maxima)

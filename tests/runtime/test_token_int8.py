@@ -27,6 +27,7 @@ from bgeserve.runtime.cpu_info import cpu_flags
 from bgeserve.runtime.int8 import SmoothedInt8Linear
 from bgeserve.runtime.token_int8 import (
     Int8Kernels,
+    LayerShape,
     TokenInt8EncoderLayer,
     TokenInt8Linear,
     onednn_int8_available,
@@ -218,22 +219,6 @@ def test_the_kernels_compiled_at_load_split_many_rows_among_threads(threads: int
     assert parallel >= 8, f"{parallel} of {graphs} compiled graphs use more than one thread"
 
 
-def test_requests_run_the_graphs_compiled_at_load():
-    """A layer made at load and called under inference_mode, as requests call it, in every variant
-    (one row and several, fp32 or bf16 in and out, GELU), finds a graph compiled by `build`: no request
-    pays a compile."""
-    kernels = Int8Kernels.build()
-    _require_compiled(kernels.compiled)
-    gen = torch.Generator().manual_seed(7)
-    linear = torch.nn.Linear(96, 40)
-    layers = [TokenInt8Linear.from_linear(linear, kernels, out_dtype, gelu, input_max=torch.rand(96, generator=gen))
-              for out_dtype in (torch.float32, torch.bfloat16) for gelu in (False, True)]
-    with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
-        for layer in layers:
-            for rows, in_dtype in ((1, torch.float32), (9, torch.float32), (1, torch.bfloat16), (6, torch.bfloat16)):
-                assert layer(torch.randn(rows, 96, generator=gen).to(in_dtype)).shape == (rows, 40)
-
-
 def _int8_layer(checkpoint, kernels: Int8Kernels, attention: torch.dtype, activation: str = "gelu",
                 smoothed: bool = True):
     """The first encoder layer of `checkpoint` as a TokenInt8EncoderLayer (`smoothed`: each projection by
@@ -290,9 +275,10 @@ def test_the_fused_layer_stays_close_to_the_fp32_layer(m3_checkpoint):
 @pytest.mark.parametrize("attention", [torch.float32, torch.bfloat16])
 def test_requests_through_a_layer_run_the_graphs_compiled_at_load(m3_checkpoint, attention):
     """A whole int8 layer, as a request runs it (one text of one row, several texts, the last layer's CLS
-    rows), with the kernels built for the checkpoint's LayerNorm eps: no pass compiles anew."""
+    rows; the padded layout), with the kernels built for the checkpoint's shape as the backend builds
+    them: no pass compiles anew."""
     ckpt = load_checkpoint(str(m3_checkpoint))
-    kernels = Int8Kernels.build(ckpt.config.layer_norm_eps)
+    kernels = Int8Kernels.build(LayerShape.of(ckpt.config, attention))
     _require_compiled(kernels.compiled)
     layer, _ = _int8_layer(m3_checkpoint, kernels, attention)
     with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
@@ -300,6 +286,8 @@ def test_requests_through_a_layer_run_the_graphs_compiled_at_load(m3_checkpoint,
             hidden, attend, batch = _packed_input(lengths, layer.qkv.in_features, seed)
             assert layer.forward_packed(hidden, attend).shape == hidden.shape
             assert layer.forward_packed(hidden, attend, batch.starts).shape == (len(lengths), hidden.shape[1])
+            mask = batch.mask().to(torch.bool)[:, None, None, :]
+            assert layer(batch.pad(hidden, 0.0), mask).shape == (len(lengths), batch.max_len, hidden.shape[1])
 
 
 def test_an_activation_other_than_gelu_runs_after_the_product(m3_checkpoint):
