@@ -368,8 +368,10 @@ def quantize_encoder_token_int8(encoder: TransformerEncoder, kernels: Int8Kernel
     product's epilogue (other activations after it). `input_maxima` (`int8.input_maxima`'s, keyed
     "layer.projection") smooths each projection; without them none is."""
     fuse_gelu = activation == "gelu"
-    layers = cast(list[EncoderLayer], list(encoder.layers))
-    for i, layer in enumerate(layers):
+    # One layer at a time, each released as its int8 one replaces it: a list of them all would hold every
+    # fp32 weight until the end (1.2 GB for bge-m3).
+    for i in range(len(encoder.layers)):
+        layer = cast(EncoderLayer, encoder.layers[i])
         projections = {}
         for name in PROJECTIONS:
             out_dtype = attention_dtype if name in _ATTENTION_INPUTS else torch.float32
