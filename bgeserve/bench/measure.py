@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import resource
 import threading
@@ -162,13 +160,6 @@ class PeakMemory:
             with self._sampling:
                 if self._active.is_set():
                     self._peak = max(self._peak, current_rss_bytes())
-
-
-def release_freed_memory() -> None:
-    """Hands memory freed to glibc's heap back to the system (malloc_trim), so that a resident-set reading
-    after a large temporary allocation is not of memory nobody holds; elsewhere it does nothing."""
-    with contextlib.suppress(OSError, AttributeError):  # no glibc here
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def current_rss_bytes() -> int:

@@ -28,12 +28,12 @@ from bgeserve.bench.job import Job, JobOutcome, interpreter, outcome_of_error, r
 from bgeserve.bench.measure import (
     Measurement,
     PeakMemory,
-    release_freed_memory,
     timed_calls,
     timed_pass,
     warm_up,
 )
 from bgeserve.bench.runners import open_encoder
+from bgeserve.runtime.memory import release_freed_memory
 
 PHASES = ("query", "batch", "pass", "matmul")
 

@@ -36,6 +36,7 @@ from torch import nn
 from bgeserve.models.config import EncoderConfig
 from bgeserve.models.encoder import PROJECTIONS, Attention, EncoderLayer, TransformerEncoder
 from bgeserve.runtime.int8 import smoothing_scales
+from bgeserve.runtime.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -379,3 +380,5 @@ def quantize_encoder_token_int8(encoder: TransformerEncoder, kernels: Int8Kernel
             input_max = input_maxima[f"{i}.{name}"] if input_maxima is not None else None
             projections[name] = TokenInt8Linear.from_linear(getattr(layer, name), kernels, out_dtype, gelu, input_max)
         encoder.layers[i] = TokenInt8EncoderLayer(layer, projections, kernels)
+        del layer, projections
+        release_freed_memory()  # else the fp32 weights just freed stay resident (1.2 GB more for bge-m3)
