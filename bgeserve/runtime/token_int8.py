@@ -47,6 +47,9 @@ CODES = 255  # u8 activation levels above the row minimum
 # (`cpp.min_chunk_size`); on a few rows it writes single-threaded kernels that then serve every batch.
 # 512 rows of bge-m3's 1,024 features (2^19 elements) cover up to 1,024 threads.
 WARM_UP_ROWS = 512
+# Graphs a compiled pass may hold (each model's widths, dtypes, one row or several) before Dynamo stops
+# compiling it.
+WARM_UP_RECOMPILE_LIMIT = 64
 
 # What each projection hands on: Q, K and V to attention (bf16 where the CPU has it natively), the rest
 # to the fp32 residual stream; ffn_in in fp32 too: a bf16 output there was no faster, nor closer to fp32.
@@ -115,17 +118,20 @@ def dequantize_norm_quantize(product: torch.Tensor, scale: torch.Tensor, zero: t
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What the compiled passes are specialised on: a layer's row widths, its LayerNorms' eps and the dtype
-    Q, K and V go to attention in. Only the number of rows varies between requests."""
+    """The layer the compiled passes are warmed up for: its row widths (the graphs are specialised on
+    them; only the number of rows varies between requests), the dtype Q, K and V go to attention in,
+    whether its activation is the exact GELU fused into the epilogue, and its LayerNorms' eps."""
 
     hidden: int = 1024
     intermediate: int = 4096
-    norm_eps: float = 1e-5
     attention_dtype: torch.dtype = torch.bfloat16
+    gelu: bool = True
+    norm_eps: float = 1e-5
 
     @classmethod
     def of(cls, cfg: EncoderConfig, attention_dtype: torch.dtype) -> LayerShape:
-        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps, attention_dtype)
+        return cls(cfg.hidden_size, cfg.intermediate_size, attention_dtype, cfg.hidden_act == "gelu",
+                   cfg.layer_norm_eps)
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,11 @@ class Int8Kernels:
         shape = shape or LayerShape()
         compiled = cls._of(lambda f: torch.compile(f, dynamic=True), compiled=True)
         try:
-            ok = _same_results(compiled, cls.eager(), shape)
+            # Dynamo keeps a function's graphs on its code object, shared by every model in the process:
+            # each width and dtype is a graph of its own, and past the default limit (8) it would run the
+            # rest eagerly, silently.
+            with torch._dynamo.config.patch(recompile_limit=WARM_UP_RECOMPILE_LIMIT):
+                ok = _same_results(compiled, cls.eager(), shape)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             log.info("int8: torch.compile is not usable here (%s); the quantisation runs eagerly, slower",
                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -217,9 +227,10 @@ def _same_results(kernels: Int8Kernels, eager: Int8Kernels, shape: LayerShape) -
                     return False
             _, scale, zero = (_static(t, dims=(1,)) for t in want)
             # Out: Q, K and V for attention; the first feed-forward product, with GELU or not.
+            ffn_in = (kernels.dequantize_gelu, eager.dequantize_gelu) if shape.gelu else (kernels.dequantize,
+                                                                                       eager.dequantize)
             epilogues = ((kernels.dequantize, eager.dequantize, 3 * h, shape.attention_dtype),
-                         (kernels.dequantize_gelu, eager.dequantize_gelu, f, torch.float32),
-                         (kernels.dequantize, eager.dequantize, f, torch.float32))
+                         (*ffn_in, f, torch.float32))
             for fast, slow, width, out_dtype in epilogues:
                 terms = (rows_of(width, scale=1e3), scale, zero, col_sums[width], bias[width], out_dtype)
                 y, y0 = fast(*terms), slow(*terms)
@@ -321,7 +332,8 @@ class TokenInt8EncoderLayer(nn.Module):
         self.num_heads, self.head_dim = layer.num_heads, layer.head_dim
         self.qkv, self.attn_out, self.ffn_in, self.ffn_out = (projections[name] for name in PROJECTIONS)
         self.attn_norm, self.ffn_norm = layer.attn_norm, layer.ffn_norm
-        # Their weights as plain tensors: the compiled passes guard on the type, and were warmed up on these.
+        # Their weights as plain tensors (views of the modules' own, fixed at load): the compiled passes
+        # guard on the type, and were warmed up on plain tensors.
         self._attn_norm, self._ffn_norm = (_norm_terms(norm) for norm in (layer.attn_norm, layer.ffn_norm))
         self.act = layer.act  # run between the feed-forward products where it is not the fused GELU
         self.kernels = kernels
@@ -373,7 +385,7 @@ def quantize_encoder_token_int8(encoder: TransformerEncoder, kernels: Int8Kernel
     # fp32 weight until the end (1.2 GB for bge-m3).
     for i in range(len(encoder.layers)):
         layer = cast(EncoderLayer, encoder.layers[i])
-        projections = {}
+        projections: dict[str, TokenInt8Linear] = {}
         for name in PROJECTIONS:
             out_dtype = attention_dtype if name in _ATTENTION_INPUTS else torch.float32
             gelu = fuse_gelu and name == "ffn_in"
