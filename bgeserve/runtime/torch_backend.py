@@ -18,8 +18,9 @@ from bgeserve.runtime.cpu_linear import pack_encoder_linears
 from bgeserve.runtime.cuda_graphs import GraphedForward
 from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
 from bgeserve.runtime.int8 import input_maxima, quantize_encoder_int8
+from bgeserve.runtime.int8_passes import Int8Kernels, LayerShape
 from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult, cls_rows_suffice
-from bgeserve.runtime.token_int8 import Int8Kernels, LayerShape, quantize_encoder_token_int8
+from bgeserve.runtime.token_int8 import quantize_encoder_token_int8
 
 log = logging.getLogger(__name__)
 

@@ -27,15 +27,13 @@ from bgeserve.models.packed import PackedBatch, packed_attention
 from bgeserve.runtime import cpu_features, torch_backend
 from bgeserve.runtime.cpu_info import cpu_flags
 from bgeserve.runtime.int8 import SmoothedInt8Linear
+from bgeserve.runtime.int8_passes import Int8Kernels, LayerShape, quantize_rows
 from bgeserve.runtime.token_int8 import (
-    Int8Kernels,
-    LayerShape,
     TokenInt8EncoderLayer,
     TokenInt8Linear,
     onednn_int8_available,
     onednn_int8_product,
     quantize_encoder_token_int8,
-    quantize_rows,
 )
 from bgeserve.runtime.torch_backend import TorchBackend
 
@@ -205,7 +203,7 @@ _THREADED_BUILD = """
 import json, sys
 from torch._inductor import config
 from torch._inductor.utils import run_and_get_code
-from bgeserve.runtime.token_int8 import Int8Kernels
+from bgeserve.runtime.int8_passes import Int8Kernels
 settings = {"fx_graph_cache": False, "cpp.threads": int(sys.argv[1]), "cpp.dynamic_threads": False}
 with config.patch(settings):
     kernels, sources = run_and_get_code(Int8Kernels.build)

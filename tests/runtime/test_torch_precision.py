@@ -19,7 +19,8 @@ from bgeserve.runtime import cpu_features, torch_backend
 from bgeserve.runtime.cpu_features import cpu_has_native_bf16, int8_product_rate, matmul_rate
 from bgeserve.runtime.devices import INT8_NOTE_MIN_SPEEDUP, auto_dtype, choose_cpu_dtype, int8_note, resolve_dtype
 from bgeserve.runtime.int8 import input_maxima
-from bgeserve.runtime.token_int8 import Int8Kernels, TokenInt8Linear
+from bgeserve.runtime.int8_passes import Int8Kernels
+from bgeserve.runtime.token_int8 import TokenInt8Linear
 from bgeserve.runtime.torch_backend import TorchBackend
 
 CORPUS = sample_texts()
