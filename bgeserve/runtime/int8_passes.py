@@ -48,21 +48,22 @@ def quantize_rows(x: torch.Tensor, smooth: torch.Tensor) -> tuple[torch.Tensor, 
 
 def dequantize(product: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, col_sums: torch.Tensor,
                bias: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """The product of the codes -> y, with the rows' scales and zero points and the bias (module docstring)."""
+    """The product of the codes -> y, with the rows' scales and zero points and the bias (the formula is in
+    `runtime.token_int8`'s docstring)."""
     return (scale * (product - zero * col_sums) + bias).to(out_dtype)
 
 
 def dequantize_gelu(product: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, col_sums: torch.Tensor,
                     bias: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """`dequantize`, then the exact (erf) GELU, in the same pass."""
-    return F.gelu(scale * (product - zero * col_sums) + bias).to(out_dtype)
+    return F.gelu(dequantize(product, scale, zero, col_sums, bias, torch.float32)).to(out_dtype)
 
 
 def dequantize_norm(product: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, col_sums: torch.Tensor,
                     bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, norm_bias: torch.Tensor,
                     eps: float) -> torch.Tensor:
     """`dequantize` in fp32, plus the residual, then LayerNorm: a post-LN block's step after a product."""
-    y = scale * (product - zero * col_sums) + bias + residual
+    y = dequantize(product, scale, zero, col_sums, bias, torch.float32) + residual
     return F.layer_norm(y, (y.shape[-1],), weight, norm_bias, eps)
 
 
@@ -184,7 +185,7 @@ def _same_results(kernels: Int8Kernels, eager: Int8Kernels, shape: LayerShape) -
                 got, want = kernels.quantize(x, smooth[width]), eager.quantize(x, smooth[width])
                 if not all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
                     return False
-            _, scale, zero = (_static(t, dims=(1,)) for t in want)
+            _, scale, zero = want
             # Out: Q, K and V for attention; the first feed-forward product, with GELU or not.
             ffn_in = (kernels.dequantize_gelu, eager.dequantize_gelu) if shape.gelu else (kernels.dequantize,
                                                                                        eager.dequantize)
