@@ -1,4 +1,4 @@
-"""Derived files cached on disk (ONNX exports, generated checkpoints, the bench's peer exports).
+"""Derived files cached on disk (ONNX exports, compiled query graphs, generated checkpoints, peer exports).
 
 Two rules for all of them: a cache entry is keyed by its sources' name, size and mtime (hashing
 gigabytes of weights on every start would cost more than the check saves), and it is built in a
@@ -27,6 +27,33 @@ def stamp_key(files: Iterable[Path], parts: Iterable[str] = (), length: int = 20
         stat = file.stat()
         digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()[:length]
+
+
+def model_cache_entry(model_dir: Path, model_name: str, subdir: str, fallback: Path, name: str,
+                      cache_dir: Path | None = None) -> Path:
+    """Where a model's derived file set `name` lives: under an explicit `cache_dir`, else in `model_dir/subdir`
+    when that is writable (and not inside an installed package), else under `fallback`. The entries outside
+    the model directory are prefixed with the model's name."""
+    if cache_dir is not None:
+        return Path(cache_dir) / f"{_safe(model_name)}-{name}"
+    beside = model_dir / subdir
+    # A model shipped inside a Python package (the bundled MiniLM) is not ours to write into.
+    installed = any(part in ("site-packages", "dist-packages") for part in model_dir.parts)
+    if not installed and _writable_dir(beside):
+        return beside / name
+    return fallback / f"{_safe(model_name)}-{name}"
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "model"
 
 
 def build_then_rename(target: Path, build: Callable[[Path], object], done: str) -> Path:

@@ -8,13 +8,12 @@ weights on every start), the exporter version, the torch version and the opset.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from bgeserve.cache_files import build_then_rename, remove_other_keys, stamp_key
+from bgeserve.cache_files import build_then_rename, model_cache_entry, remove_other_keys, stamp_key
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.runtime import onnx_export
 from bgeserve.runtime.cpu_features import cpu_has_vnni
@@ -46,31 +45,12 @@ def cache_key(checkpoint: Checkpoint, rewrite: str = "") -> str:
     return stamp_key(_source_files(checkpoint), parts)
 
 
-def _writable_dir(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(path, os.W_OK | os.X_OK)
-
-
 def cache_location(checkpoint: Checkpoint, dtype: str, cache_dir: Path | None = None, key: str | None = None) -> Path:
     """Directory holding the `dtype` export: an explicit `cache_dir` wins, then the model directory when
     writable (and not inside an installed package), then `default_cache_dir()`. `key`: cache_key(checkpoint)
     when the caller has it already."""
     name = f"{key or cache_key(checkpoint)}-{dtype}"
-    if cache_dir is not None:
-        return Path(cache_dir) / f"{_safe(checkpoint.name)}-{name}"
-    beside = checkpoint.path / CACHE_SUBDIR
-    # A model shipped inside a Python package (the bundled MiniLM) is not ours to write into.
-    installed = any(part in ("site-packages", "dist-packages") for part in checkpoint.path.parts)
-    if not installed and _writable_dir(beside):
-        return beside / name
-    return default_cache_dir() / f"{_safe(checkpoint.name)}-{name}"
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "model"
+    return model_cache_entry(checkpoint.path, checkpoint.name, CACHE_SUBDIR, default_cache_dir(), name, cache_dir)
 
 
 def ensure_onnx_model(

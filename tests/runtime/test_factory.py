@@ -37,10 +37,11 @@ def test_cpu_replicas_split_the_cores_and_torch_threads_are_set_once(m3_checkpoi
 
 
 def test_onnx_replicas_get_their_share_of_the_cores_each(m3_checkpoint, tmp_path, monkeypatch):
+    from bgeserve import cache_files
     from bgeserve.runtime import onnx_cache
 
     monkeypatch.setattr(onnx_cache, "default_cache_dir", lambda: tmp_path)
-    monkeypatch.setattr(onnx_cache, "_writable_dir", lambda path: False)
+    monkeypatch.setattr(cache_files, "_writable_dir", lambda path: False)
     ckpt = load_checkpoint(str(m3_checkpoint))
     backends = create_backends(ckpt, ["cpu"], BackendOptions(backend="onnx", threads=1), replicas_per_device=2)
     assert [b.session.get_session_options().intra_op_num_threads for b in backends] == [1, 1]

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from bgeserve import cache_files
 from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.errors import DeviceUnavailable, ModelLacksOutput
@@ -174,7 +175,7 @@ def test_a_cls_pooled_dense_request_gets_the_cls_rows_only(m3_checkpoint, onnx_c
 
 def test_factory_builds_onnx_backend(m3_checkpoint, onnx_cache, monkeypatch):
     monkeypatch.setattr(exports, "default_cache_dir", lambda: onnx_cache)
-    monkeypatch.setattr(exports, "_writable_dir", lambda path: False)
+    monkeypatch.setattr(cache_files, "_writable_dir", lambda path: False)
     backend = create_backend(load_checkpoint(str(m3_checkpoint)), "cpu", BackendOptions(backend="onnx", dtype="fp32"))
     assert isinstance(backend, OnnxBackend)
     assert backend.run([[0, 5, 6, 2]], ALL)[0].colbert.shape == (3, 32)
@@ -358,7 +359,7 @@ def test_second_load_reuses_the_cached_export(m3_checkpoint, tmp_path, monkeypat
 
 
 def test_read_only_model_dir_falls_back_to_the_user_cache(m3_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(exports, "_writable_dir", lambda path: False)
+    monkeypatch.setattr(cache_files, "_writable_dir", lambda path: False)
     monkeypatch.setattr(exports, "default_cache_dir", lambda: tmp_path / "user-cache")
     backend = OnnxBackend(load_checkpoint(str(m3_checkpoint)))
     assert backend.model_path.is_relative_to(tmp_path / "user-cache")
