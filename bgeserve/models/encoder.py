@@ -164,11 +164,7 @@ class TransformerEncoder(nn.Module):
         """Packed ids and position ids [T] -> [T, hidden], attention done by `attend` (see forward_packed;
         the ONNX export passes a traceable one). `rows`: the last layer computes only those rows past its
         attention (no later layer needs the others' hidden states), -> [len(rows), hidden]."""
-        hidden = self.embeddings.embed(input_ids, positions)
-        layers = cast(list[EncoderLayer], list(self.layers))  # ModuleList yields plain Modules
-        for index, layer in enumerate(layers):
-            hidden = layer.forward_packed(hidden, attend, rows if index == len(layers) - 1 else None)
-        return hidden
+        return run_layers(self.layers, self.embeddings.embed(input_ids, positions), attend, rows)
 
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Runs the layers' matrix products in `dtype` (fp16/bf16); embeddings, LayerNorms and the
@@ -189,6 +185,15 @@ class TransformerEncoder(nn.Module):
                 f"checkpoint weights do not fit a {self.cfg.model_type} encoder: "
                 f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
+
+
+def run_layers(layers: nn.ModuleList, hidden: torch.Tensor, attend: Attention,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Embedded packed tokens [T, hidden] through every layer (see TransformerEncoder.encode_tokens)."""
+    stack = cast(list[EncoderLayer], list(layers))  # ModuleList yields plain Modules
+    for index, layer in enumerate(stack):
+        hidden = layer.forward_packed(hidden, attend, rows if index == len(stack) - 1 else None)
+    return hidden
 
 
 _LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")

@@ -100,16 +100,23 @@ def packed_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
 
 def per_sequence_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """One SDPA call per sequence, no mask and no padding."""
+    if len(batch.lengths) == 1:
+        return sequence_attention(qkv)
     out = qkv.new_empty(qkv.shape[0], qkv.shape[2] * qkv.shape[3])
     start = 0
     for n, chunk in zip(batch.lengths, qkv.split(batch.lengths), strict=True):
-        # 4-D [1, heads, n, head_dim]: the CPU's fused (flash) SDPA kernel takes only 4-D inputs; 3-D ones
-        # fall back to the unfused math path, several times slower in fp32 and bf16 alike.
-        q, k, v = chunk.permute(1, 2, 0, 3).unsqueeze(1)
-        ctx = F.scaled_dot_product_attention(q, k, v)[0]  # [heads, n, head_dim]
-        out[start : start + n] = ctx.transpose(0, 1).reshape(n, -1)
+        out[start : start + n] = sequence_attention(chunk)
         start += n
     return out
+
+
+def sequence_attention(qkv: torch.Tensor) -> torch.Tensor:
+    """Self-attention over one whole sequence: qkv [n, 3, heads, head_dim] -> context [n, heads * head_dim]."""
+    # 4-D [1, heads, n, head_dim]: the CPU's fused (flash) SDPA kernel takes only 4-D inputs; 3-D ones
+    # fall back to the unfused math path, several times slower in fp32 and bf16 alike.
+    q, k, v = qkv.permute(1, 2, 0, 3).unsqueeze(1)
+    ctx = F.scaled_dot_product_attention(q, k, v)[0]  # [heads, n, head_dim]
+    return ctx.transpose(0, 1).reshape(qkv.shape[0], -1)
 
 
 def padded_attention(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
