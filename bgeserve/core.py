@@ -96,7 +96,8 @@ class BackendOptions:
 
     `threads`: CPU threads of one replica (None: the cores split between the CPU replicas). torch's pool
     is one per process, so its replicas share the setting (`runtime.factory.use_torch_threads`); each
-    onnxruntime session has its own.
+    onnxruntime session has its own. `query_graph`: a lone text runs through an AOTInductor-compiled graph
+    of the encoder layers on the CPU (`runtime.query_graph`).
     """
 
     backend: str = "torch"
@@ -104,12 +105,15 @@ class BackendOptions:
     threads: int | None = None
     compile: bool = False
     cuda_graphs: bool = False
+    query_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: use {' or '.join(BACKENDS)}")
-        if self.backend == "onnx" and (self.compile or self.cuda_graphs):
-            flag = "compile" if self.compile else "cuda-graphs"
+        if self.backend == "onnx" and (self.compile or self.cuda_graphs or self.query_graph):
+            flag = "compile" if self.compile else "cuda-graphs" if self.cuda_graphs else "query-graph"
             raise ValueError(f"--{flag} applies to the torch backend only")
+        if self.compile and self.query_graph:
+            raise ValueError("--query-graph applies to the eager torch backend: not with --compile")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, not {self.threads}")

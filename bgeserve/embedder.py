@@ -40,7 +40,8 @@ class Embedder:
     (bf16 on GPUs that have it, else fp16; on CPU bf16 where native and measured faster, else exact fp32).
     With no model it loads
     the bundled all-MiniLM-L6-v2. `backend` is "torch" or "onnx"; `compile` applies torch.compile;
-    `cuda_graphs` replays small batches on CUDA from captured graphs.
+    `cuda_graphs` replays small batches on CUDA from captured graphs; `query_graph` runs a lone text on
+    the CPU through a compiled graph of the encoder layers (compiled once, cached on disk).
     FlagEmbedding's constructor arguments (`use_fp16`, `devices`, `query_max_length`, ...) are accepted.
     """
 
@@ -54,6 +55,7 @@ class Embedder:
         backend: str = "torch",
         compile: bool = False,
         cuda_graphs: bool = False,
+        query_graph: bool = False,
         max_length: int | None = None,
         batch_size: int = 256,
         max_batch_tokens: int = 16384,
@@ -79,7 +81,8 @@ class Embedder:
             # FlagEmbedding runs fp32 on CPU whatever use_fp16 says.
             dtype = "fp16" if use_fp16 and self.device != "cpu" else "fp32"
         options = BackendOptions(
-            backend=backend, dtype=dtype, threads=threads, compile=compile, cuda_graphs=cuda_graphs
+            backend=backend, dtype=dtype, threads=threads, compile=compile, cuda_graphs=cuda_graphs,
+            query_graph=query_graph,
         )
         if backend == "torch":
             use_torch_threads(threads)

@@ -64,6 +64,12 @@ class ServeSettings:
         metadata=_flag("replay small batches (<= 8 texts, <= 128 tokens) from CUDA graphs captured at start-up "
                        "(torch backend on CUDA; ignored on CPU)"),
     )
+    query_graph: bool = field(
+        default=False,
+        metadata=_flag("run a lone text (a search query) through the encoder compiled into one graph "
+                       "(AOTInductor; compiled once at the first start, cached beside the model; torch "
+                       "backend on CPU, fp32 or bf16; ignored elsewhere)"),
+    )
     threads: int | None = field(
         default=None, metadata=_flag("CPU threads per replica (default: the cores split between replicas)")
     )
@@ -191,7 +197,7 @@ class ServeSettings:
         """How every replica runs (the part of the settings the backends need)."""
         return BackendOptions(
             backend=self.backend, dtype=self.dtype, threads=self.threads, compile=self.compile,
-            cuda_graphs=self.cuda_graphs,
+            cuda_graphs=self.cuda_graphs, query_graph=self.query_graph,
         )
 
     def engine_config(self) -> EngineConfig:

@@ -1,12 +1,13 @@
 """Benchmark config names (`cpu-fp32-t1`, `cuda-fp16`, `transformers-int8`, ...) and why one cannot run.
 
-A name is `KIND-DTYPE[-compiled][-graphs][-tN]`. KIND `cpu`/`cuda` is bgeserve's torch backend, `onnx` bgeserve's
-ONNX backend; `flagembedding`, `transformers` and `onnxruntime` are the peers run for comparison.
+A name is `KIND-DTYPE[-compiled][-graphs|-qgraph][-tN]`. KIND `cpu`/`cuda` is bgeserve's torch backend,
+`onnx` bgeserve's ONNX backend; `flagembedding`, `transformers` and `onnxruntime` are the peers run for comparison.
 `bgelite` is bge-m3-lite (onnxruntime with its own tokenizer, pooling and token-budget batching).
 `openvino` is optimum-intel's OVModelForFeatureExtraction; its packages conflict with bgeserve's dev pins, so
 its rows run under an interpreter of their own (`scripts/openvino_venv.sh` makes `.venv-openvino/`).
 `-compiled` (torch backend only) runs it under torch.compile, as `--compile` does; `-graphs` (cuda only)
-replays small batches from CUDA graphs, as `--cuda-graphs` does.
+replays small batches from CUDA graphs, as `--cuda-graphs` does; `-qgraph` (cpu fp32 / bf16 only) runs a lone
+text through the compiled query graph, as `--query-graph` does.
 `-tN` runs with N intra-op threads (torch or onnxruntime); without it, the library's default.
 """
 
@@ -57,10 +58,12 @@ class BenchConfig:
     threads: int | None = None
     compiled: bool = False
     graphs: bool = False
+    query_graph: bool = False
 
     @property
     def name(self) -> str:
-        suffix = "-compiled" * self.compiled + "-graphs" * self.graphs + (f"-t{self.threads}" if self.threads else "")
+        suffix = "-compiled" * self.compiled + "-graphs" * self.graphs + "-qgraph" * self.query_graph
+        suffix += f"-t{self.threads}" if self.threads else ""
         return f"{self.kind}-{self.dtype}{suffix}"
 
     @property
@@ -92,20 +95,23 @@ def parse_config(name: str) -> BenchConfig:
             raise ValueError(f"bad thread suffix in config {name!r}: use -tN with N >= 1 (e.g. cpu-fp32-t1)")
         parts = parts[:-1]
     graphs = len(parts) >= 3 and parts[-1] == "graphs"
-    if graphs:
+    query_graph = len(parts) >= 3 and parts[-1] == "qgraph"
+    if graphs or query_graph:
         parts = parts[:-1]
     compiled = len(parts) == 3 and parts[2] == "compiled"
     if compiled:
         parts = parts[:2]
     if len(parts) != 2 or parts[0] not in DTYPES or parts[1] not in DTYPES[parts[0]]:
         raise ValueError(
-            f"unknown config {name!r}; a config is KIND-DTYPE[-compiled][-graphs][-tN], one of: {known_names()}"
+            f"unknown config {name!r}; a config is KIND-DTYPE[-compiled][-graphs|-qgraph][-tN], one of: {known_names()}"
         )
     if compiled and parts[0] not in TORCH_KINDS:
         raise ValueError(f"-compiled applies to bgeserve's torch rows ({', '.join(TORCH_KINDS)}), not {name!r}")
     if graphs and parts[0] != "cuda":
         raise ValueError(f"-graphs applies to bgeserve's cuda rows (CUDA graphs), not {name!r}")
-    return BenchConfig(parts[0], parts[1], threads, compiled, graphs)
+    if query_graph and (parts[0] != "cpu" or parts[1] not in ("fp32", "bf16") or compiled):
+        raise ValueError(f"-qgraph applies to bgeserve's eager cpu-fp32 and cpu-bf16 rows, not {name!r}")
+    return BenchConfig(parts[0], parts[1], threads, compiled, graphs, query_graph)
 
 
 def known_names() -> str:

@@ -136,6 +136,7 @@ class Row:
             "threads": self.config.threads,
             "compiled": self.config.compiled,
             "cuda_graphs": self.config.graphs,
+            "query_graph": self.config.query_graph,
             "status": self.status,
             "reason": self.reason,
             "texts_per_s": self.texts_per_s,

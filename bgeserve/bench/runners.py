@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,9 @@ def open_encoder(config: BenchConfig, settings: RunSettings) -> EncodeFn:
 def _ours(config: BenchConfig, settings: RunSettings, threads: int) -> EncodeFn:
     from bgeserve.embedder import Embedder
 
-    extra = {"backend": "onnx"} if config.kind == "onnx" else {"compile": config.compiled, "cuda_graphs": config.graphs}
+    extra: dict[str, Any] = {"backend": "onnx"}
+    if config.kind != "onnx":
+        extra = {"compile": config.compiled, "cuda_graphs": config.graphs, "query_graph": config.query_graph}
     embedder = Embedder(
         settings.model_path,
         device=config.device,

@@ -43,9 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: the bundled multilingual sample bgeserve/data/mixed.txt)")
     p.add_argument("--limit", type=int, help="use N texts spread evenly over the corpus")
     off = p.add_argument_group("offline mode")
-    off.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of KIND-DTYPE[-compiled][-graphs][-tN]: "
+    off.add_argument("--configs", default=DEFAULT_CONFIGS,
+                     help="comma list of KIND-DTYPE[-compiled][-graphs|-qgraph][-tN]: "
                      "-compiled runs a torch row under torch.compile, -graphs a cuda row with CUDA graphs, "
-                     "-tN on N threads "
+                     "-qgraph a cpu-fp32/bf16 row with --query-graph, -tN on N threads "
                      f"(default: {DEFAULT_CONFIGS})")
     off.add_argument("--baseline", help="config the speed-up column divides by "
                      "(default: cpu-fp32-t1 when listed, else the first that ran)")

@@ -11,6 +11,7 @@ from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.data import sample_texts
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.embedding_model import EmbeddingModel
+from bgeserve.models.encoder import packed_positions
 from bgeserve.models.heads import colbert_vectors, token_weights
 from bgeserve.models.packed import PackedBatch
 from bgeserve.runtime.cpu_features import cpu_has_native_bf16, exact_int8_products
@@ -20,6 +21,7 @@ from bgeserve.runtime.devices import DTYPES, resolve_device, resolve_dtype
 from bgeserve.runtime.int8 import input_maxima, quantize_encoder_int8
 from bgeserve.runtime.int8_passes import Int8Kernels, LayerShape
 from bgeserve.runtime.packed_outputs import PackedBackend, PackedResult, cls_rows_suffice
+from bgeserve.runtime.query_graph import QUERY_GRAPH_DTYPES, QueryGraph
 from bgeserve.runtime.token_int8 import quantize_encoder_token_int8
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ class TorchBackend(PackedBackend):
         model = model.to(self.device).eval()
         if self.dtype in ("fp16", "bf16"):
             model.encoder.set_compute_dtype(DTYPES[self.dtype])
+        # Built before the eager weights are packed: the graph freezes (and packs) the plain ones itself.
+        self._query_graph = self._load_query_graph(model) if options.query_graph else None
         if self.device == "cpu" and self.dtype in ("fp32", "bf16") and not compile:
             pack_encoder_linears(model.encoder, checkpoint.config.hidden_act)
         self.model = model
@@ -67,6 +71,7 @@ class TorchBackend(PackedBackend):
         elif cuda_graphs:
             log.info("CUDA graphs apply to CUDA devices only: not used on %s", self.device)
         extras = ", compiled" * compile + ", CUDA graphs" * (self._graphs is not None)
+        extras += ", query graph" * (self._query_graph is not None)
         extras += f"; int8: {self.int8_recipe}" if self.int8_recipe else ""
         log.info("loaded %s on %s (%s%s)", checkpoint.name, self.device, self.dtype, extras)
 
@@ -83,6 +88,14 @@ class TorchBackend(PackedBackend):
             return f"per-token u8 x s8 on oneDNN over smoothed channels, {fused} quantisation, {attention} attention"
         quantize_encoder_int8(model, self._calibration_batches())
         return "SmoothQuant-scaled rows over torch's dynamic int8 kernel"
+
+    def _load_query_graph(self, model: EmbeddingModel) -> QueryGraph | None:
+        """The compiled lone-text graph where it applies (the CPU, fp32 or bf16, eager); None elsewhere."""
+        if self.device != "cpu" or self.dtype not in QUERY_GRAPH_DTYPES:
+            log.info("the query graph applies to fp32 and bf16 on the CPU only: not used for %s on %s",
+                     self.dtype, self.device)
+            return None
+        return QueryGraph.load(self.checkpoint, model.encoder, self.dtype)
 
     def _calibration_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`calibration_texts()`, one text per batch (no padding rows)."""
@@ -101,6 +114,8 @@ class TorchBackend(PackedBackend):
         if graphed is not None:
             # Indexing copies the real rows out of the graph's output buffer before anything replays it.
             hidden = graphed[packed.segment, packed.offset]
+        elif self._query_graph is not None and len(batch) == 1 and self._query_graph.fits(packed.max_len):
+            return packed, self._graphed_text(packed, want)
         elif self._compiled:
             # Compiled graphs want few distinct shapes, so they keep the padded, length-bucketed layout.
             hidden = self._padded_forward(packed)
@@ -110,6 +125,15 @@ class TorchBackend(PackedBackend):
                 return packed, PackedResult(self.model.forward_packed(packed, packed.starts), cls_only=True)
             hidden = self.model.forward_packed(packed)
         return packed, self._heads(hidden, want)
+
+    def _graphed_text(self, packed: PackedBatch, want: OutputRequest) -> PackedResult:
+        """One text through the query graph: the CLS row alone where it suffices, else every row."""
+        assert self._query_graph is not None
+        encoder = self.model.encoder
+        hidden = encoder.embeddings.embed(packed.ids, packed_positions(packed, encoder.cfg))
+        if cls_rows_suffice(want, self.checkpoint.pooling):
+            return PackedResult(self._query_graph(hidden, packed.starts), cls_only=True)
+        return self._heads(self._query_graph(hidden, torch.arange(packed.max_len)), want)
 
     def _padded_forward(self, packed: PackedBatch) -> torch.Tensor:
         """The real rows of the padded, bucketed forward pass, in packed order."""

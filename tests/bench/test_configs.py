@@ -33,7 +33,7 @@ def test_compiled_rows_of_the_torch_backend():
     for bad in ("onnx-fp32-compiled", "transformers-fp32-compiled"):
         with pytest.raises(ValueError, match="torch rows"):
             parse_config(bad)
-    with pytest.raises(ValueError, match=r"KIND-DTYPE\[-compiled\]\[-graphs\]\[-tN\]"):
+    with pytest.raises(ValueError, match=r"KIND-DTYPE\[-compiled\]\[-graphs\|-qgraph\]\[-tN\]"):
         parse_config("cpu-fp32-t1-compiled")  # the thread suffix comes last
     assert parse_config("cuda-fp16-graphs") == BenchConfig("cuda", "fp16", graphs=True)
     assert parse_config("cuda-bf16-compiled-graphs-t2").name == "cuda-bf16-compiled-graphs-t2"

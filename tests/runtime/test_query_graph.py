@@ -1,0 +1,183 @@
+"""The compiled lone-text graph (AOTInductor): the eager path's results, its cache, and where it applies."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bgeserve import cache_files
+from bgeserve.api.settings import ServeSettings
+from bgeserve.bench.configs import parse_config
+from bgeserve.core import BackendOptions, OutputRequest
+from bgeserve.models.checkpoint import load_checkpoint
+from bgeserve.runtime import query_graph, torch_backend
+from bgeserve.runtime.query_graph import CACHE_SUBDIR, PACKAGE_FILE, QueryGraph, graph_key
+from bgeserve.runtime.torch_backend import TorchBackend
+
+ALL = OutputRequest(dense=True, sparse=True, colbert=True)
+DENSE = OutputRequest()
+TEXTS = [[0, 5, 6, 7, 8, 2], [0, 9, 2], [0, *range(10, 60), 2]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(m3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny bge-m3: its graphs are written beside it, which the shared fixture must not get."""
+    return Path(shutil.copytree(m3_checkpoint, tmp_path_factory.mktemp("query-graph") / "m3"))
+
+
+@pytest.fixture(scope="module")
+def eager_fp32(model_dir: Path) -> TorchBackend:
+    return TorchBackend(load_checkpoint(str(model_dir)), "cpu", BackendOptions(dtype="fp32"))
+
+
+@pytest.fixture(scope="module")
+def graphed_fp32(model_dir: Path) -> TorchBackend:
+    return TorchBackend(load_checkpoint(str(model_dir)), "cpu", BackendOptions(dtype="fp32", query_graph=True))
+
+
+class CountingGraph:
+    """Wraps a QueryGraph and counts its calls (the backend's choice of path is what is under test)."""
+
+    def __init__(self, graph: QueryGraph) -> None:
+        self.graph, self.calls = graph, 0
+
+    def fits(self, tokens: int) -> bool:
+        return self.graph.fits(tokens)
+
+    def __call__(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.graph(hidden, rows)
+
+
+@pytest.fixture()
+def counted(graphed_fp32: TorchBackend, monkeypatch: pytest.MonkeyPatch) -> CountingGraph:
+    assert graphed_fp32._query_graph is not None
+    counter = CountingGraph(graphed_fp32._query_graph)
+    monkeypatch.setattr(graphed_fp32, "_query_graph", counter)
+    return counter
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=["6 tokens", "3 tokens", "52 tokens"])
+def test_a_lone_text_through_the_graph_has_the_eager_fp32_results(graphed_fp32, eager_fp32, counted, text):
+    # One graph for every length: the token count is a dynamic dimension.
+    for want in (DENSE, ALL):
+        got, = graphed_fp32.run([text], want)
+        ref, = eager_fp32.run([text], want)
+        np.testing.assert_allclose(got.dense, ref.dense, atol=1e-5)
+        if want.sparse:
+            assert got.lexical_weights.keys() == ref.lexical_weights.keys()
+            np.testing.assert_allclose(list(got.lexical_weights.values()), list(ref.lexical_weights.values()),
+                                       atol=1e-5)
+            np.testing.assert_allclose(got.colbert, ref.colbert, atol=1e-5)
+    assert counted.calls == 2
+
+
+def test_batches_of_several_texts_stay_on_the_eager_path(graphed_fp32, eager_fp32, counted):
+    got = graphed_fp32.run(TEXTS, ALL)
+    assert counted.calls == 0
+    for ours, ref in zip(got, eager_fp32.run(TEXTS, ALL), strict=True):
+        np.testing.assert_allclose(ours.dense, ref.dense, atol=1e-5)
+
+
+def test_bf16_graph_stays_as_close_to_fp32_as_eager_bf16(model_dir, eager_fp32):
+    ckpt = load_checkpoint(str(model_dir))
+    graphed = TorchBackend(ckpt, "cpu", BackendOptions(dtype="bf16", query_graph=True))
+    eager = TorchBackend(ckpt, "cpu", BackendOptions(dtype="bf16"))
+    assert graphed._query_graph is not None and graphed._query_graph.path.name.endswith("-bf16")
+    for text in TEXTS:
+        ref = eager_fp32.run([text], DENSE)[0].dense
+        graph_cos = float(graphed.run([text], DENSE)[0].dense @ ref)  # unit vectors
+        eager_cos = float(eager.run([text], DENSE)[0].dense @ ref)
+        assert graph_cos > 0.999
+        assert abs(graph_cos - eager_cos) < 1e-3
+
+
+def test_the_graph_is_compiled_once_and_reused(model_dir, graphed_fp32, monkeypatch):
+    def no_compile(*_args: object) -> None:
+        raise AssertionError("the cached graph should have been loaded")
+
+    monkeypatch.setattr(query_graph, "compile_package", no_compile)
+    again = TorchBackend(load_checkpoint(str(model_dir)), "cpu", BackendOptions(dtype="fp32", query_graph=True))
+    assert again._query_graph is not None
+    assert again._query_graph.path == graphed_fp32._query_graph.path
+    assert again._query_graph.path.parent == model_dir / CACHE_SUBDIR
+    assert [p.name for p in again._query_graph.path.iterdir()] == [PACKAGE_FILE]
+    assert again.run([TEXTS[0]], DENSE)[0].dense.shape == (32,)
+
+
+def test_the_key_changes_with_the_cpu_the_dtype_and_the_weights(model_dir, tmp_path):
+    ckpt = load_checkpoint(str(model_dir))
+    avx2 = graph_key(ckpt, "fp32", ["avx2"])
+    # A graph compiled for AVX512 kernels must never be loaded on an AVX2-only CPU.
+    assert graph_key(ckpt, "fp32", ["avx2", "avx512f"]) != avx2
+    assert graph_key(ckpt, "bf16", ["avx2"]) != avx2
+    assert graph_key(ckpt, "fp32", ["avx2"]) == avx2
+    copy = Path(shutil.copytree(model_dir, tmp_path / "m3", ignore=shutil.ignore_patterns(CACHE_SUBDIR)))
+    weights = copy / ckpt.weights_file.name
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert graph_key(load_checkpoint(str(copy)), "fp32", ["avx2"]) != avx2
+
+
+def test_a_read_only_model_dir_keeps_its_graph_in_the_user_cache(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_files, "_writable_dir", lambda path: False)
+    monkeypatch.setattr(query_graph, "default_cache_dir", lambda: tmp_path / "user-cache")
+    ckpt = load_checkpoint(str(model_dir))
+    location = query_graph.graph_location(ckpt, "fp32", graph_key(ckpt, "fp32"))
+    assert location.is_relative_to(tmp_path / "user-cache")
+
+
+def test_where_the_graph_does_not_apply_the_backend_runs_eagerly(model_dir, monkeypatch, caplog):
+    # int8 on the per-tensor kernel (injected: the per-token one depends on the CPU's features).
+    monkeypatch.setattr(torch_backend, "exact_int8_products", lambda: False)
+    with caplog.at_level(logging.INFO, logger="bgeserve.runtime.torch_backend"):
+        backend = TorchBackend(load_checkpoint(str(model_dir)), "cpu", BackendOptions(dtype="int8", query_graph=True))
+    assert backend._query_graph is None
+    assert "applies to fp32 and bf16 on the CPU only" in caplog.text
+    assert backend.run([TEXTS[0]], DENSE)[0].dense.shape == (32,)
+
+
+def test_graph_sizes_outside_the_compiled_range_are_refused(graphed_fp32):
+    graph = graphed_fp32._query_graph
+    assert graph is not None
+    assert graph.fits(2) and graph.fits(graph.max_tokens)
+    assert not graph.fits(1) and not graph.fits(graph.max_tokens + 1)
+    # A one-token text (possible with max_length 1) takes the eager path.
+    assert graphed_fp32.run([[0]], DENSE)[0].dense.shape == (32,)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"backend": "onnx", "query_graph": True}, "applies to the torch backend only"),
+        ({"compile": True, "query_graph": True}, "not with --compile"),
+    ],
+)
+def test_options_that_cannot_combine_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        BackendOptions(**options)
+
+
+def test_serve_flag_and_environment_reach_the_backend_options():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ServeSettings.add_arguments(parser)
+    flagged = ServeSettings.from_sources(parser.parse_args(["--query-graph"]), environ={})
+    assert flagged.backend_options().query_graph
+    from_env = ServeSettings.from_sources(parser.parse_args([]), environ={"BGESERVE_QUERY_GRAPH": "1"})
+    assert from_env.backend_options().query_graph
+    assert not ServeSettings.from_sources(parser.parse_args([]), environ={}).backend_options().query_graph
+
+
+def test_bench_rows_name_the_query_graph():
+    config = parse_config("cpu-bf16-qgraph-t2")
+    assert (config.kind, config.dtype, config.threads, config.query_graph) == ("cpu", "bf16", 2, True)
+    assert config.name == "cpu-bf16-qgraph-t2"
+    for name in ("onnx-fp32-qgraph", "cpu-int8-qgraph", "cuda-bf16-qgraph"):
+        with pytest.raises(ValueError, match="-qgraph applies"):
+            parse_config(name)
