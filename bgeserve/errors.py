@@ -53,6 +53,10 @@ class DeviceUnavailable(BgeServeError):
     """The requested device (e.g. cuda:3) does not exist on this machine."""
 
 
+class CompileFailed(BgeServeError):
+    """A compiled graph the settings ask for cannot be built or loaded on this machine (e.g. no C++ compiler)."""
+
+
 class EmptyInput(InvalidInput):
     """No inputs at all, or an input with no text / no token ids (TEI's `Empty`, HTTP 400)."""
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bgeserve.cache_files import build_then_rename, model_cache_entry, remove_other_keys, stamp_key
+from bgeserve.errors import CompileFailed
 from bgeserve.models.checkpoint import Checkpoint
 from bgeserve.models.encoder import TransformerEncoder, run_layers
 from bgeserve.models.packed import sequence_attention
@@ -107,16 +108,30 @@ class QueryGraph:
             log.info("compiling %s's query graph (%s, once: cached in %s) ...", checkpoint.name, dtype, target)
             started = time.perf_counter()
             stack = LayerStack(encoder)
-            build_then_rename(target, lambda tmp: compile_package(stack, cfg.hidden_size, checkpoint.max_length,
-                                                                  tmp / PACKAGE_FILE), PACKAGE_FILE)
+            try:
+                build_then_rename(target, lambda tmp: compile_package(stack, cfg.hidden_size, checkpoint.max_length,
+                                                                      tmp / PACKAGE_FILE), PACKAGE_FILE)
+            except Exception as exc:  # noqa: BLE001 - Inductor's many failure types (no compiler, ...), reported as one
+                raise CompileFailed(f"--query-graph: compiling the graph failed on this machine ({_first_line(exc)}); "
+                                    "serve without --query-graph, or install a C++ compiler (g++)") from exc
             remove_other_keys(target, key)
             log.info("compiled the query graph in %.0f s", time.perf_counter() - started)
-        runner = torch._inductor.aoti_load_package(str(target / PACKAGE_FILE))
+        try:
+            runner = torch._inductor.aoti_load_package(str(target / PACKAGE_FILE))
+        except Exception as exc:  # noqa: BLE001
+            raise CompileFailed(f"--query-graph: the cached graph {target} does not load ({_first_line(exc)}); "
+                                "delete that directory to compile it again") from exc
         return cls(runner, checkpoint.max_length, target)
 
     def fits(self, tokens: int) -> bool:
+        """Whether a text of `tokens` tokens is in the range the graph was compiled for."""
         return 2 <= tokens <= self.max_tokens
 
     def __call__(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Embedded tokens [T, hidden] (fp32) and row indices [R] -> those rows' last hidden states, fp32."""
         return self._runner(hidden, rows)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -14,6 +14,7 @@ from bgeserve import cache_files
 from bgeserve.api.settings import ServeSettings
 from bgeserve.bench.configs import parse_config
 from bgeserve.core import BackendOptions, OutputRequest
+from bgeserve.errors import CompileFailed
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime import query_graph, torch_backend
 from bgeserve.runtime.query_graph import CACHE_SUBDIR, PACKAGE_FILE, QueryGraph, graph_key
@@ -108,6 +109,27 @@ def test_the_graph_is_compiled_once_and_reused(model_dir, graphed_fp32, monkeypa
     assert again._query_graph.path.parent == model_dir / CACHE_SUBDIR
     assert [p.name for p in again._query_graph.path.iterdir()] == [PACKAGE_FILE]
     assert again.run([TEXTS[0]], DENSE)[0].dense.shape == (32,)
+
+
+def test_a_graph_that_cannot_be_compiled_is_a_clear_error_and_leaves_no_cache_entry(model_dir, tmp_path, monkeypatch):
+    def no_compiler(*_args: object) -> None:
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(query_graph, "compile_package", no_compiler)
+    fresh = Path(shutil.copytree(model_dir, tmp_path / "m3", ignore=shutil.ignore_patterns(CACHE_SUBDIR)))
+    with pytest.raises(CompileFailed, match="No working C\\+\\+ compiler found\\); serve without --query-graph"):
+        TorchBackend(load_checkpoint(str(fresh)), "cpu", BackendOptions(dtype="fp32", query_graph=True))
+    assert not any((fresh / CACHE_SUBDIR).iterdir())
+
+
+def test_a_cached_graph_that_does_not_load_names_the_directory_to_delete(model_dir, tmp_path):
+    fresh = Path(shutil.copytree(model_dir, tmp_path / "m3", ignore=shutil.ignore_patterns(CACHE_SUBDIR)))
+    ckpt = load_checkpoint(str(fresh))
+    target = query_graph.graph_location(ckpt, "fp32", graph_key(ckpt, "fp32"))
+    target.mkdir(parents=True)
+    (target / PACKAGE_FILE).write_bytes(b"not a package")
+    with pytest.raises(CompileFailed, match="delete that directory"):
+        TorchBackend(ckpt, "cpu", BackendOptions(dtype="fp32", query_graph=True))
 
 
 def test_the_key_changes_with_the_cpu_the_dtype_and_the_weights(model_dir, tmp_path):
