@@ -68,7 +68,7 @@ class ServeSettings:
         default=False,
         metadata=_flag("run a lone text (a search query) through the encoder compiled into one graph "
                        "(AOTInductor; compiled once at the first start, cached beside the model; torch "
-                       "backend on CPU, fp32 or bf16; ignored elsewhere)"),
+                       "backend on CPU, fp32 or bf16; int8 and CUDA run eagerly)"),
     )
     threads: int | None = field(
         default=None, metadata=_flag("CPU threads per replica (default: the cores split between replicas)")

@@ -8,39 +8,40 @@ for oneDNN, so the products are the same kernels and almost nothing else is left
 
 The graph takes one text's embedded tokens [T, hidden] (fp32) and the rows the last layer computes
 past its attention (the CLS row for a CLS-pooled dense vector, every row for sparse and ColBERT), and
-returns their last hidden states [R, hidden] in fp32; T and R are dynamic. It is compiled once (bge-m3:
-~1 min on 2 cores, ~0.6 GB of bf16 weights in the package) and cached on disk like the ONNX exports,
-keyed by the weights' files, torch's version, the dtype and the CPU's instruction flags (a graph built
-for AVX512 must never load on an AVX2 CPU). Batches of several texts stay on the eager packed path,
-whose per-op cost is small beside their products.
+returns their last hidden states [R, hidden] in fp32; T and R are dynamic (a 1-token text runs eagerly).
+It is compiled once (bge-m3: ~1 min on 2 cores, ~0.6 GB of bf16 weights in the package;
+`runtime.query_graph_export`) and cached on disk like the ONNX exports: one package per model
+(`graph_key`) and variant (`graph_variant`: dtype, CPU, thread count). Batches of several texts stay on
+the eager packed path, whose per-op cost is small beside their products.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from bgeserve.cache_files import build_then_rename, model_cache_entry, remove_other_keys, stamp_key
 from bgeserve.errors import CompileFailed
+from bgeserve.models import encoder as encoder_module
+from bgeserve.models import packed as packed_module
 from bgeserve.models.checkpoint import Checkpoint
-from bgeserve.models.encoder import TransformerEncoder, run_layers
-from bgeserve.models.packed import sequence_attention
-from bgeserve.runtime.cpu_info import speed_flags
+from bgeserve.models.encoder import TransformerEncoder
+from bgeserve.runtime import query_graph_export
+from bgeserve.runtime.cpu_info import cpu_flags
+from bgeserve.runtime.query_graph_export import LayerStack, compile_package
 
 log = logging.getLogger(__name__)
 
 QUERY_GRAPH_DTYPES = ("fp32", "bf16")
 CACHE_SUBDIR = "bgeserve-aoti"
 PACKAGE_FILE = "model.pt2"
-# Part of the cache key: a change to what the graph computes, or to its inputs, must change it.
-GRAPH_VERSION = "layers-rows-1"
-# The example sizes the graph is traced at: above 1, which export would otherwise specialise on.
-_EXAMPLE_TOKENS, _EXAMPLE_ROWS = 16, 2
+# The code a package freezes: the layers, their attention and the export itself.
+_GRAPH_SOURCES = (encoder_module, packed_module, query_graph_export)
 
 
 def default_cache_dir() -> Path:
@@ -48,42 +49,28 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "bgeserve" / "aoti"
 
 
-class LayerStack(nn.Module):
-    """The encoder's layers on one whole sequence: (embedded tokens [T, hidden], rows [R]) -> [R, hidden].
-    Holds the layers alone, so that the graph's constants are theirs (not the 1 GB embedding table)."""
-
-    def __init__(self, encoder: TransformerEncoder) -> None:
-        super().__init__()
-        self.layers = encoder.layers
-
-    def forward(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return run_layers(self.layers, hidden, sequence_attention, rows)
-
-
-def graph_key(checkpoint: Checkpoint, dtype: str, flags: list[str] | None = None) -> str:
-    """Key of a compiled graph: the weights' and config's name, size and mtime, the graph's version,
-    torch's version, the dtype and the CPU's instruction flags (`flags`, default this CPU's)."""
-    cpu = ",".join(speed_flags() if flags is None else flags)
+def graph_key(checkpoint: Checkpoint) -> str:
+    """What makes a package outdated: the weights' and config's name, size and mtime, the model's token
+    limit, torch's version and the source of the code the graph freezes. A newer key replaces the older
+    packages of the same variant."""
+    code = hashlib.sha256(b"".join(Path(str(m.__file__)).read_bytes() for m in _GRAPH_SOURCES)).hexdigest()
     files = [checkpoint.weights_file, checkpoint.path / "config.json"]
-    return stamp_key(files, (GRAPH_VERSION, torch.__version__, dtype, cpu))
+    return stamp_key(files, (torch.__version__, str(checkpoint.max_length), code))
 
 
-def graph_location(checkpoint: Checkpoint, dtype: str, key: str) -> Path:
-    """Directory of the `dtype` graph: beside the model when writable, else under `default_cache_dir()`."""
-    return model_cache_entry(checkpoint.path, checkpoint.name, CACHE_SUBDIR, default_cache_dir(), f"{key}-{dtype}")
+def graph_variant(dtype: str, flags: frozenset[str] | None = None, threads: int | None = None) -> str:
+    """Which of a model's packages a process can load: its dtype, the CPU's instruction flags (all of them:
+    Inductor builds for this CPU, and a package built for another may not run here) and the intra-op
+    thread count it was compiled under (`flags`, `threads`: default this CPU's and torch's). Packages of
+    other variants, another machine's in a shared model directory, are left in place."""
+    flags = cpu_flags() if flags is None else flags
+    cpu = hashlib.sha256(",".join(sorted(flags)).encode()).hexdigest()[:10]
+    return f"{dtype}-cpu{cpu}-t{torch.get_num_threads() if threads is None else threads}"
 
 
-def compile_package(stack: LayerStack, hidden_size: int, max_tokens: int, package: Path) -> None:
-    """Exports `stack` with dynamic token and row counts (up to `max_tokens`) and compiles it into `package`."""
-    tokens = torch.export.Dim("tokens", min=2, max=max_tokens)
-    rows = torch.export.Dim("rows", min=1, max=max_tokens)
-    example = (torch.zeros(_EXAMPLE_TOKENS, hidden_size), torch.arange(_EXAMPLE_ROWS))
-    with torch.no_grad():
-        shapes = {"hidden": {0: tokens}, "rows": {0: rows}}
-        program = torch.export.export(stack.eval(), example, dynamic_shapes=shapes)
-        # Freezing folds the weights into the graph as constants, pre-packed for oneDNN's products.
-        torch._inductor.aoti_compile_and_package(program, package_path=str(package),
-                                                 inductor_configs={"freezing": True})
+def graph_location(checkpoint: Checkpoint, key: str, variant: str) -> Path:
+    """Directory of one package: beside the model when writable, else under `default_cache_dir()`."""
+    return model_cache_entry(checkpoint.path, checkpoint.name, CACHE_SUBDIR, default_cache_dir(), f"{key}-{variant}")
 
 
 class QueryGraph:
@@ -100,8 +87,8 @@ class QueryGraph:
         if dtype not in QUERY_GRAPH_DTYPES:
             raise ValueError(f"no query graph for dtype {dtype!r}: use {' or '.join(QUERY_GRAPH_DTYPES)}")
         cfg = checkpoint.config
-        key = graph_key(checkpoint, dtype)
-        target = graph_location(checkpoint, dtype, key)
+        key = graph_key(checkpoint)
+        target = graph_location(checkpoint, key, graph_variant(dtype))
         if (target / PACKAGE_FILE).is_file():
             log.info("reusing the compiled query graph %s", target)
         else:
@@ -113,7 +100,8 @@ class QueryGraph:
                                                                       tmp / PACKAGE_FILE), PACKAGE_FILE)
             except Exception as exc:  # noqa: BLE001 - Inductor's many failure types (no compiler, ...), reported as one
                 raise CompileFailed(f"--query-graph: compiling the graph failed on this machine ({_first_line(exc)}); "
-                                    "serve without --query-graph, or install a C++ compiler (g++)") from exc
+                                    "it needs a working C++ compiler (g++) and, for bge-m3, ~5 GB of memory "
+                                    "while it compiles; or serve without --query-graph") from exc
             remove_other_keys(target, key)
             log.info("compiled the query graph in %.0f s", time.perf_counter() - started)
         try:

@@ -17,8 +17,12 @@ from bgeserve.core import BackendOptions, OutputRequest
 from bgeserve.errors import CompileFailed
 from bgeserve.models.checkpoint import load_checkpoint
 from bgeserve.runtime import query_graph, torch_backend
-from bgeserve.runtime.query_graph import CACHE_SUBDIR, PACKAGE_FILE, QueryGraph, graph_key
+from bgeserve.runtime.query_graph import CACHE_SUBDIR, PACKAGE_FILE, QueryGraph, graph_key, graph_variant
 from bgeserve.runtime.torch_backend import TorchBackend
+
+# Inductor compiles C++: without a compiler there is no graph (that error's test needs none).
+HAS_COMPILER = any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler for Inductor")
 
 ALL = OutputRequest(dense=True, sparse=True, colbert=True)
 DENSE = OutputRequest()
@@ -63,6 +67,7 @@ def counted(graphed_fp32: TorchBackend, monkeypatch: pytest.MonkeyPatch) -> Coun
     return counter
 
 
+@needs_compiler
 @pytest.mark.parametrize("text", TEXTS, ids=["6 tokens", "3 tokens", "52 tokens"])
 def test_a_lone_text_through_the_graph_has_the_eager_fp32_results(graphed_fp32, eager_fp32, counted, text):
     # One graph for every length: the token count is a dynamic dimension.
@@ -78,6 +83,7 @@ def test_a_lone_text_through_the_graph_has_the_eager_fp32_results(graphed_fp32, 
     assert counted.calls == 2
 
 
+@needs_compiler
 def test_batches_of_several_texts_stay_on_the_eager_path(graphed_fp32, eager_fp32, counted):
     got = graphed_fp32.run(TEXTS, ALL)
     assert counted.calls == 0
@@ -85,11 +91,12 @@ def test_batches_of_several_texts_stay_on_the_eager_path(graphed_fp32, eager_fp3
         np.testing.assert_allclose(ours.dense, ref.dense, atol=1e-5)
 
 
+@needs_compiler
 def test_bf16_graph_stays_as_close_to_fp32_as_eager_bf16(model_dir, eager_fp32):
     ckpt = load_checkpoint(str(model_dir))
     graphed = TorchBackend(ckpt, "cpu", BackendOptions(dtype="bf16", query_graph=True))
     eager = TorchBackend(ckpt, "cpu", BackendOptions(dtype="bf16"))
-    assert graphed._query_graph is not None and graphed._query_graph.path.name.endswith("-bf16")
+    assert graphed._query_graph is not None and "-bf16-" in graphed._query_graph.path.name
     for text in TEXTS:
         ref = eager_fp32.run([text], DENSE)[0].dense
         graph_cos = float(graphed.run([text], DENSE)[0].dense @ ref)  # unit vectors
@@ -98,6 +105,7 @@ def test_bf16_graph_stays_as_close_to_fp32_as_eager_bf16(model_dir, eager_fp32):
         assert abs(graph_cos - eager_cos) < 1e-3
 
 
+@needs_compiler
 def test_the_graph_is_compiled_once_and_reused(model_dir, graphed_fp32, monkeypatch):
     def no_compile(*_args: object) -> None:
         raise AssertionError("the cached graph should have been loaded")
@@ -117,39 +125,65 @@ def test_a_graph_that_cannot_be_compiled_is_a_clear_error_and_leaves_no_cache_en
 
     monkeypatch.setattr(query_graph, "compile_package", no_compiler)
     fresh = Path(shutil.copytree(model_dir, tmp_path / "m3", ignore=shutil.ignore_patterns(CACHE_SUBDIR)))
-    with pytest.raises(CompileFailed, match="No working C\\+\\+ compiler found\\); serve without --query-graph"):
+    with pytest.raises(CompileFailed, match=r"No working C\+\+ compiler found\); it needs a working C\+\+ compiler"):
         TorchBackend(load_checkpoint(str(fresh)), "cpu", BackendOptions(dtype="fp32", query_graph=True))
     assert not any((fresh / CACHE_SUBDIR).iterdir())
 
 
+@needs_compiler
 def test_a_cached_graph_that_does_not_load_names_the_directory_to_delete(model_dir, tmp_path):
     fresh = Path(shutil.copytree(model_dir, tmp_path / "m3", ignore=shutil.ignore_patterns(CACHE_SUBDIR)))
     ckpt = load_checkpoint(str(fresh))
-    target = query_graph.graph_location(ckpt, "fp32", graph_key(ckpt, "fp32"))
+    target = query_graph.graph_location(ckpt, graph_key(ckpt), graph_variant("fp32"))
     target.mkdir(parents=True)
     (target / PACKAGE_FILE).write_bytes(b"not a package")
     with pytest.raises(CompileFailed, match="delete that directory"):
         TorchBackend(ckpt, "cpu", BackendOptions(dtype="fp32", query_graph=True))
 
 
-def test_the_key_changes_with_the_cpu_the_dtype_and_the_weights(model_dir, tmp_path):
+def test_the_key_changes_with_the_weights_and_the_token_limit(model_dir, tmp_path):
     ckpt = load_checkpoint(str(model_dir))
-    avx2 = graph_key(ckpt, "fp32", ["avx2"])
-    # A graph compiled for AVX512 kernels must never be loaded on an AVX2-only CPU.
-    assert graph_key(ckpt, "fp32", ["avx2", "avx512f"]) != avx2
-    assert graph_key(ckpt, "bf16", ["avx2"]) != avx2
-    assert graph_key(ckpt, "fp32", ["avx2"]) == avx2
+    key = graph_key(ckpt)
+    assert graph_key(load_checkpoint(str(model_dir))) == key
     copy = Path(shutil.copytree(model_dir, tmp_path / "m3", ignore=shutil.ignore_patterns(CACHE_SUBDIR)))
     weights = copy / ckpt.weights_file.name
     weights.write_bytes(weights.read_bytes() + b"\0")
-    assert graph_key(load_checkpoint(str(copy)), "fp32", ["avx2"]) != avx2
+    assert graph_key(load_checkpoint(str(copy))) != key
+    config = copy / "config.json"
+    config.write_text(config.read_text().replace('"max_position_embeddings": ', '"max_position_embeddings": 1'))
+    assert load_checkpoint(str(copy)).max_length != ckpt.max_length
+    assert graph_key(load_checkpoint(str(copy))) != key
+
+
+def test_the_variant_names_the_dtype_every_cpu_flag_and_the_thread_count():
+    base = graph_variant("fp32", frozenset({"avx2", "fma"}), 2)
+    assert graph_variant("fp32", frozenset({"fma", "avx2"}), 2) == base
+    # Inductor builds for the CPU at hand (-march=native): any flag, not only those bgeserve picks kernels by.
+    assert graph_variant("fp32", frozenset({"avx2", "fma", "gfni"}), 2) != base
+    assert graph_variant("bf16", frozenset({"avx2", "fma"}), 2) != base
+    # One thread compiles serial loops; another count bakes num_threads into them.
+    assert graph_variant("fp32", frozenset({"avx2", "fma"}), 1) != base
+
+
+def test_a_new_key_replaces_its_own_variant_and_leaves_other_machines_packages(model_dir, tmp_path):
+    from bgeserve.cache_files import remove_other_keys
+
+    ckpt = load_checkpoint(str(model_dir))
+    here, there = graph_variant("fp32", frozenset({"avx2"}), 2), graph_variant("fp32", frozenset({"avx512f"}), 2)
+    old, new = "a" * len(graph_key(ckpt)), graph_key(ckpt)
+    for name in (f"{old}-{here}", f"{old}-{there}", f"{new}-{there}"):
+        (tmp_path / name).mkdir()
+    current = tmp_path / f"{new}-{here}"
+    current.mkdir()
+    remove_other_keys(current, new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([current.name, f"{old}-{there}", f"{new}-{there}"])
 
 
 def test_a_read_only_model_dir_keeps_its_graph_in_the_user_cache(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(cache_files, "_writable_dir", lambda path: False)
     monkeypatch.setattr(query_graph, "default_cache_dir", lambda: tmp_path / "user-cache")
     ckpt = load_checkpoint(str(model_dir))
-    location = query_graph.graph_location(ckpt, "fp32", graph_key(ckpt, "fp32"))
+    location = query_graph.graph_location(ckpt, graph_key(ckpt), graph_variant("fp32"))
     assert location.is_relative_to(tmp_path / "user-cache")
 
 
@@ -163,13 +197,42 @@ def test_where_the_graph_does_not_apply_the_backend_runs_eagerly(model_dir, monk
     assert backend.run([TEXTS[0]], DENSE)[0].dense.shape == (32,)
 
 
-def test_graph_sizes_outside_the_compiled_range_are_refused(graphed_fp32):
-    graph = graphed_fp32._query_graph
-    assert graph is not None
+@needs_compiler
+def test_graph_sizes_outside_the_compiled_range_take_the_eager_path(graphed_fp32, eager_fp32, counted):
+    graph = counted.graph
     assert graph.fits(2) and graph.fits(graph.max_tokens)
     assert not graph.fits(1) and not graph.fits(graph.max_tokens + 1)
-    # A one-token text (possible with max_length 1) takes the eager path.
-    assert graphed_fp32.run([[0]], DENSE)[0].dense.shape == (32,)
+    # A one-token text (possible with max_length 1) is not one the graph was compiled for.
+    got, = graphed_fp32.run([[0]], DENSE)
+    assert counted.calls == 0
+    np.testing.assert_allclose(got.dense, eager_fp32.run([[0]], DENSE)[0].dense, atol=1e-5)
+
+
+@needs_compiler
+def test_a_text_as_long_as_the_model_takes_runs_through_the_graph(graphed_fp32, eager_fp32, counted):
+    limit = counted.graph.max_tokens
+    text = [0, *[7 + i % 50 for i in range(limit - 2)], 2]
+    for want in (DENSE, ALL):
+        got, = graphed_fp32.run([text], want)
+        ref, = eager_fp32.run([text], want)
+        np.testing.assert_allclose(got.dense, ref.dense, atol=1e-5)
+    assert counted.calls == 2
+
+
+@needs_compiler
+def test_a_mean_pooled_bert_model_through_the_graph_matches_eager(minilm_path, tmp_path, monkeypatch):
+    """The bundled MiniLM: BERT positions, mean pooling (every row of the last layer), token embeddings."""
+    monkeypatch.setattr(query_graph, "default_cache_dir", lambda: tmp_path / "aoti")
+    ckpt = load_checkpoint(str(minilm_path))
+    graphed = TorchBackend(ckpt, "cpu", BackendOptions(dtype="fp32", query_graph=True))
+    eager = TorchBackend(ckpt, "cpu", BackendOptions(dtype="fp32"))
+    assert graphed._query_graph is not None and graphed._query_graph.path.is_relative_to(tmp_path / "aoti")
+    text = ckpt.tokenizer.encode(["how do I reset my password"], max_length=64).ids[0]
+    tokens = OutputRequest(dense=True, token_embeddings=True)
+    got, = graphed.run([text], tokens)
+    ref, = eager.run([text], tokens)
+    np.testing.assert_allclose(got.dense, ref.dense, atol=1e-5)
+    np.testing.assert_allclose(got.token_embeddings, ref.token_embeddings, atol=1e-5)
 
 
 @pytest.mark.parametrize(
