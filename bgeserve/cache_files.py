@@ -7,12 +7,14 @@ staging directory beside its place and renamed in, so no reader ever sees a half
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,21 @@ def _writable_dir(path: Path) -> bool:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "model"
+
+
+@contextlib.contextmanager
+def exclusive_build(target: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `target`'s build while the block runs: a process (or thread) that would
+    build the same entry waits, then finds it built, instead of building it a second time beside the
+    first (a compile that takes a minute and gigabytes of memory). The lock is an flock on a small file
+    beside the entry, released when the holder exits, even by a crash; the file itself stays."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def build_then_rename(target: Path, build: Callable[[Path], object], done: str) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bgeserve.cache_files import build_then_rename, remove_other_keys, stamp_key
+from bgeserve.cache_files import build_then_rename, exclusive_build, remove_other_keys, stamp_key
 
 
 def _write(files: dict[str, str]):
@@ -107,3 +107,28 @@ def test_the_key_follows_every_source_file_and_part(tmp_path):
     stamp = weights.stat().st_mtime_ns + 1_000_000_000
     os.utime(weights, ns=(time.time_ns(), stamp))  # mtime only: same name and size
     assert stamp_key([weights], ["torch 2.13"]) != key
+
+
+def test_builders_of_one_entry_wait_for_each_other_and_build_it_once(tmp_path):
+    import threading
+
+    target = tmp_path / "key1-fp32"
+    builds: list[int] = []
+
+    def build(staging: Path) -> None:
+        builds.append(1)
+        time.sleep(0.2)  # a second builder arriving meanwhile must wait, not start its own build
+        (staging / "model.pt2").write_text("built", encoding="utf-8")
+
+    def load() -> None:
+        with exclusive_build(target):
+            if not (target / "model.pt2").exists():
+                build_then_rename(target, build, "model.pt2")
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert builds == [1]
+    assert (target / "model.pt2").read_text(encoding="utf-8") == "built"

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bgeserve.cache_files import build_then_rename, model_cache_entry, remove_other_keys, stamp_key
+from bgeserve.cache_files import build_then_rename, exclusive_build, model_cache_entry, remove_other_keys, stamp_key
 from bgeserve.errors import CompileFailed
 from bgeserve.models import encoder as encoder_module
 from bgeserve.models import packed as packed_module
@@ -86,24 +86,14 @@ class QueryGraph:
         """The cached graph for `encoder` (its layers already in `dtype`), compiled first when absent."""
         if dtype not in QUERY_GRAPH_DTYPES:
             raise ValueError(f"no query graph for dtype {dtype!r}: use {' or '.join(QUERY_GRAPH_DTYPES)}")
-        cfg = checkpoint.config
         key = graph_key(checkpoint)
         target = graph_location(checkpoint, key, graph_variant(dtype))
-        if (target / PACKAGE_FILE).is_file():
-            log.info("reusing the compiled query graph %s", target)
-        else:
-            log.info("compiling %s's query graph (%s, once: cached in %s) ...", checkpoint.name, dtype, target)
-            started = time.perf_counter()
-            stack = LayerStack(encoder)
-            try:
-                build_then_rename(target, lambda tmp: compile_package(stack, cfg.hidden_size, checkpoint.max_length,
-                                                                      tmp / PACKAGE_FILE), PACKAGE_FILE)
-            except Exception as exc:  # noqa: BLE001 - Inductor's many failure types (no compiler, ...), reported as one
-                raise CompileFailed(f"--query-graph: compiling the graph failed on this machine ({_first_line(exc)}); "
-                                    "it needs a working C++ compiler (g++) and, for bge-m3, ~5 GB of memory "
-                                    "while it compiles; or serve without --query-graph") from exc
-            remove_other_keys(target, key)
-            log.info("compiled the query graph in %.0f s", time.perf_counter() - started)
+        with exclusive_build(target):  # replicas starting together compile once, not once each
+            if (target / PACKAGE_FILE).is_file():
+                log.info("reusing the compiled query graph %s", target)
+            else:
+                _compile(checkpoint, encoder, dtype, target)
+                remove_other_keys(target, key)
         try:
             runner = torch._inductor.aoti_load_package(str(target / PACKAGE_FILE))
         except Exception as exc:  # noqa: BLE001
@@ -118,6 +108,21 @@ class QueryGraph:
     def __call__(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Embedded tokens [T, hidden] (fp32) and row indices [R] -> those rows' last hidden states, fp32."""
         return self._runner(hidden, rows)
+
+
+def _compile(checkpoint: Checkpoint, encoder: TransformerEncoder, dtype: str, target: Path) -> None:
+    log.info("compiling %s's query graph (%s, once: cached in %s) ...", checkpoint.name, dtype, target)
+    started = time.perf_counter()
+    stack = LayerStack(encoder)
+    cfg = checkpoint.config
+    try:
+        build_then_rename(target, lambda tmp: compile_package(stack, cfg.hidden_size, checkpoint.max_length,
+                                                              tmp / PACKAGE_FILE), PACKAGE_FILE)
+    except Exception as exc:  # noqa: BLE001 - Inductor's many failure types (no compiler, ...), reported as one
+        raise CompileFailed(f"--query-graph: compiling the graph failed on this machine ({_first_line(exc)}); "
+                            "it needs a working C++ compiler (g++) and, for bge-m3, ~5 GB of memory "
+                            "while it compiles; or serve without --query-graph") from exc
+    log.info("compiled the query graph in %.0f s", time.perf_counter() - started)
 
 
 def _first_line(exc: BaseException) -> str:
