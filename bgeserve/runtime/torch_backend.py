@@ -82,10 +82,11 @@ class TorchBackend(PackedBackend):
             attention = "bf16" if cpu_has_native_bf16() else "fp32"
             kernels = Int8Kernels.build(LayerShape.of(self.checkpoint.config, DTYPES[attention]))
             maxima = input_maxima(model, self._calibration_batches())
-            quantize_encoder_token_int8(model.encoder, kernels, DTYPES[attention], self.checkpoint.config.hidden_act,
-                                        maxima)
-            fused = "fused" if kernels.compiled else "eager"
-            return f"per-token u8 x s8 on oneDNN over smoothed channels, {fused} quantisation, {attention} attention"
+            one_graph = quantize_encoder_token_int8(model.encoder, kernels, DTYPES[attention],
+                                                    self.checkpoint.config.hidden_act, maxima)
+            passes = ("compiled into one graph a layer after attention" if one_graph
+                      else "fused quantisation" if kernels.compiled else "eager quantisation")
+            return f"per-token u8 x s8 on oneDNN over smoothed channels, {passes}, {attention} attention"
         quantize_encoder_int8(model, self._calibration_batches())
         return "SmoothQuant-scaled rows over torch's dynamic int8 kernel"
 

@@ -5,6 +5,7 @@ the fp32 product of the same codes standing in for oneDNN's where this CPU's ker
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -31,6 +32,7 @@ from bgeserve.runtime.int8_passes import Int8Kernels, LayerShape, quantize_rows
 from bgeserve.runtime.token_int8 import (
     TokenInt8EncoderLayer,
     TokenInt8Linear,
+    after_attention,
     onednn_int8_available,
     onednn_int8_product,
     quantize_encoder_token_int8,
@@ -298,6 +300,57 @@ def test_requests_through_a_layer_run_the_graphs_compiled_at_load(m3_checkpoint,
             assert layer.forward_packed(hidden, attend, batch.starts).shape == (len(lengths), hidden.shape[1])
             mask = batch.mask().to(torch.bool)[:, None, None, :]
             assert layer(batch.pad(hidden, 0.0), mask).shape == (len(lengths), batch.max_len, hidden.shape[1])
+
+
+@pytest.mark.parametrize("attention", [torch.float32, torch.bfloat16])
+def test_the_steps_after_attention_run_as_one_graph_every_layer_shares(m3_checkpoint, attention):
+    """Compiled, a layer's three products after attention and the passes between them are one graph, made
+    at load and shared by every layer: the results of the passes one call each, on one row or many, and no
+    graph compiled anew."""
+    ckpt = load_checkpoint(str(m3_checkpoint))
+    kernels = Int8Kernels.build(LayerShape.of(ckpt.config, attention))
+    _require_compiled(kernels.compiled)
+    model = EmbeddingModel(ckpt)
+    assert quantize_encoder_token_int8(model.encoder, kernels, attention, "gelu")
+    layers = [layer for layer in model.encoder.layers if isinstance(layer, TokenInt8EncoderLayer)]
+    step = layers[0].after_attention
+    assert len(layers) > 1 and not isinstance(step, partial) and all(lay.after_attention is step for lay in layers)
+    passes = partial(after_attention, passes=Int8Kernels.eager())
+    with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
+        for seed, lengths in enumerate(([1], [6], [5, 9, 2])):
+            hidden, attend, batch = _packed_input(lengths, layers[0].qkv.in_features, seed)
+            for layer, rows in ((layers[0], None), (layers[-1], batch.starts)):
+                got = layer.forward_packed(hidden, attend, rows)
+                layer.after_attention = passes
+                want = layer.forward_packed(hidden, attend, rows)
+                layer.after_attention = step
+                assert torch.nn.functional.cosine_similarity(got, want, dim=1).min() >= 0.9999
+                torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("compiler", ["fails", "miscompiles"])
+def test_a_layer_that_will_not_compile_into_one_graph_runs_its_passes(m3_checkpoint, monkeypatch, caplog, compiler):
+    """Where the graph does not compile, or gives other results than the passes, the load says so and the
+    layers run the passes one call each (here the eager ones, standing in for compiled ones on any machine)."""
+    kernels = dataclasses.replace(Int8Kernels.eager(), compiled=True)
+
+    def fake_compile(fn, **_options):
+        def run(layer, ctx, hidden):
+            if compiler == "fails":
+                raise RuntimeError("InductorError: no working C++ compiler")
+            return torch.zeros_like(fn(layer, ctx, hidden))
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = EmbeddingModel(load_checkpoint(str(m3_checkpoint)))
+    with caplog.at_level("INFO", logger="bgeserve.runtime.token_int8"):
+        assert quantize_encoder_token_int8(model.encoder, kernels, torch.float32, "gelu") is False
+    assert "running its passes" in caplog.text or "running the passes" in caplog.text
+    layer = model.encoder.layers[0]
+    assert isinstance(layer.after_attention, partial) and layer.after_attention.keywords["passes"] is kernels
+    hidden, attend, _ = _packed_input([4, 2], layer.qkv.in_features, seed=3)
+    with torch.inference_mode():
+        assert torch.isfinite(layer.forward_packed(hidden, attend)).all()
 
 
 def test_each_fp32_layer_is_released_as_its_int8_layer_replaces_it(m3_checkpoint, monkeypatch):
